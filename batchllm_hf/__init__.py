@@ -1,0 +1,13 @@
+"""batchllm_hf: shared-prefix batch generation for HuggingFace transformers.
+
+Importing the package registers attn_implementation="batchllm" with transformers.
+"""
+
+from . import attention as _attention
+from . import kernels  # noqa: F401  (batchllm_hf.kernels, shipped from the repository's kernels/ folder)
+from .cache import SharedPrefixCache, SharedPrefixKV
+
+_attention.register()
+
+__all__ = ["SharedPrefixCache", "SharedPrefixKV"]
+__version__ = "0.1.0"

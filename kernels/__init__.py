@@ -1,0 +1,21 @@
+"""Attention kernels of batchllm_hf, installed as `batchllm_hf.kernels`.
+
+`reference` holds the plain-PyTorch math (the contract); Triton kernels live beside it and are tested
+against it.
+"""
+
+from .reference import (
+    attention_with_lse,
+    merge_attention_states,
+    own_attention_reference,
+    prefix_attention_reference,
+    shared_prefix_attention_reference,
+)
+
+__all__ = [
+    "attention_with_lse",
+    "merge_attention_states",
+    "own_attention_reference",
+    "prefix_attention_reference",
+    "shared_prefix_attention_reference",
+]

@@ -52,3 +52,24 @@ def left_pad(rows, pad_id: int = 0):
     ids = torch.tensor([[pad_id] * (length - len(r)) + list(r) for r in rows])
     mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
+
+
+def tiny_tokenizer(vocab: int = 160, *, pad: bool = True):
+    """A real PreTrainedTokenizerFast over words "w3".."w{vocab-1}" plus chat roles, with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "user", "assistant", "system"] + [f"w{i}" for i in range(6, vocab)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>" if pad else None)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}assistant{% endif %}")
+    return tokenizer
+
+
+def text_prompts(seed: int, **kwargs):
+    """shared_prefix_prompts as whitespace-separated words of tiny_tokenizer (ids >= 6)."""
+    rows = shared_prefix_prompts(seed, **kwargs)
+    return [" ".join(f"w{max(6, t)}" for t in row) for row in rows]

@@ -1,31 +1,14 @@
-"""Row grouping for SharedPrefixCache.from_inputs (TEMPORARY: replaced by cluster_prefixes)."""
+"""Row grouping for SharedPrefixCache.from_inputs, on top of the global clustering."""
 
 from __future__ import annotations
 
+from .clustering import cluster_prefixes
 
 
 def group_prompts(rows: list[list[int]], min_prefix_len: int = 1):
-    """Returns (prefixes, group_of_row, prefix_len_of_row)."""
-    by_first: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_first.setdefault(r[0], []).append(i)
-    prefixes, group_of_row, cut = [], [0] * len(rows), [0] * len(rows)
-    for members in by_first.values():
-        n = min(len(rows[i]) for i in members) - 1
-        first = rows[members[0]]
-        lcp = n
-        for i in members[1:]:
-            k = 0
-            while k < lcp and rows[i][k] == first[k]:
-                k += 1
-            lcp = k
-        if len(members) < 2 or lcp < min_prefix_len:
-            for i in members:
-                group_of_row[i] = len(prefixes)
-                prefixes.append([])
-            continue
-        for i in members:
-            group_of_row[i] = len(prefixes)
-            cut[i] = lcp
-        prefixes.append(first[:lcp])
-    return prefixes, group_of_row, cut
+    """Returns (prefixes, group_of_row, prefix_len_of_row): each group's prefix token ids, each row's group
+    index and the length of its group's prefix (0 for a group of one)."""
+    plan = cluster_prefixes(rows, min_prefix_len=min_prefix_len, min_group_size=2, align=1)
+    prefixes = [[int(t) for t in group.prefix] for group in plan.groups]
+    group_of_row = [int(g) for g in plan.group_of()]
+    return prefixes, group_of_row, [len(prefixes[g]) for g in group_of_row]

@@ -7,7 +7,6 @@ SharedPrefixCache and once plainly, prints what was shared and whether the outpu
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 
@@ -19,6 +18,31 @@ from .cache import SharedPrefixCache, cache_argument_name
 DEMO_CONFIG = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
                    initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def demo_tokenizer(vocab: int = 1024, *, pad: bool = True):
+    """A real PreTrainedTokenizerFast with no download: words "<pad> <s> </s> user assistant system" then
+    "w6".."w{vocab-1}" (whitespace-split word level), and a simple chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "user", "assistant", "system"] + [f"w{i}" for i in range(6, vocab)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>" if pad else None)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}assistant{% endif %}")
+    return tokenizer
+
+
+def demo_model(attn_implementation: str = "batchllm", seed: int = 0, **overrides):
+    """The demo's random-weight Llama (fp32, eval mode), built from DEMO_CONFIG."""
+    import batchllm_hf  # noqa: F401  (registers "batchllm")
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**DEMO_CONFIG, **overrides})
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
 
 
 def demo_prompts(seed: int = 0, groups: int = 4, members: int = 8, prefix_len: int = 128,
@@ -33,11 +57,7 @@ def demo_prompts(seed: int = 0, groups: int = 4, members: int = 8, prefix_len: i
 
 
 def run_demo(max_new_tokens: int = 16, seed: int = 0) -> bool:
-    import batchllm_hf  # noqa: F401  (registers "batchllm")
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(**DEMO_CONFIG)
-    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="batchllm").eval()
+    model = demo_model(seed=seed)
     rows = demo_prompts(seed)
     length = max(map(len, rows))
     input_ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])

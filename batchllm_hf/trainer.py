@@ -51,7 +51,9 @@ class BatchLLMSeq2SeqTrainer(Seq2SeqTrainer):
         inputs = self._prepare_inputs(inputs)
         loss = self._eval_loss(model, inputs)
         generated = self._layout_like_generate(inputs["input_ids"], inputs.get("attention_mask"))
+        # Pad as Seq2SeqTrainer.prediction_step does, with the generation defaults filled in as it fills them.
         gen_config = self.model.generation_config
+        gen_config.update(**gen_config._get_default_generation_params(), defaults_only=True)
         labels = inputs.get("labels")
         padded = []
         for tensor in (generated, labels):
@@ -87,15 +89,15 @@ class BatchLLMSeq2SeqTrainer(Seq2SeqTrainer):
         return config
 
     def _generate_all(self, dataloader) -> dict[tuple, deque]:
-        prompts = []
-        for batch in dataloader:
-            ids = batch["input_ids"]
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            prompts += [row[m].tolist() for row, m in zip(ids, mask)]
         was_training = self.model.training
         self.model.eval()
         try:
+            prompts = []
+            for batch in dataloader:
+                ids = batch["input_ids"]
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+                prompts += [row[m].tolist() for row, m in zip(ids, mask)]
             generator = BatchGenerator(self.model, None, engine_config=self.engine_config)
             outputs = generator.generate(prompts, self._generation_config(), return_token_ids=True)
         finally:

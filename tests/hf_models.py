@@ -55,18 +55,10 @@ def left_pad(rows, pad_id: int = 0):
 
 
 def tiny_tokenizer(vocab: int = 160, *, pad: bool = True):
-    """A real PreTrainedTokenizerFast over words "w3".."w{vocab-1}" plus chat roles, with a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A real PreTrainedTokenizerFast over words "w6".."w{vocab-1}" plus chat roles, with a chat template."""
+    from batchllm_hf.demo import demo_tokenizer
 
-    words = ["<pad>", "<s>", "</s>", "user", "assistant", "system"] + [f"w{i}" for i in range(6, vocab)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>" if pad else None)
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-                               "{% if add_generation_prompt %}assistant{% endif %}")
-    return tokenizer
+    return demo_tokenizer(vocab, pad=pad)
 
 
 def text_prompts(seed: int, **kwargs):

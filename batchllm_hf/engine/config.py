@@ -1,0 +1,53 @@
+"""EngineConfig: the knobs a user of the BatchLLM engine sets (one small frozen dataclass)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one `Engine`.
+
+    page_size:           tokens per KV page (a power of two). Group prefixes are cut to whole pages.
+    max_batch_tokens:    token budget of one step (decode tokens + prefill chunks).
+    num_pages:           KV pool size in pages; None sizes it from free accelerator memory (CPU: 4096).
+    kv_memory_fraction:  share of the free accelerator memory (after the model loaded) given to the KV pool.
+    max_num_seqs:        cap on running requests; None = admission bounded by KV memory alone (BatchLLM's
+                         memory-centric batching). Setting it is the "memory budget off" ablation.
+    decode_first:        admit groups with the largest expected-decode / prefill ratio first.
+    use_shared_prefix:   store and read a group's prefix once (off: each request runs its whole prompt).
+    cluster:             group prompts by shared prefix (off: every prompt is a group of one).
+    min_prefix_len:      shortest prefix worth a group (tokens); None = one page.
+    cuda_graphs:         capture decode-only steps as CUDA graphs (ignored on CPU).
+    attention_backend:   "triton", "sdpa" or "reference" (kv_pool.PagedCache); None picks the fastest here.
+    """
+
+    page_size: int = 16
+    max_batch_tokens: int = 4096
+    num_pages: int | None = None
+    kv_memory_fraction: float = 0.85
+    max_num_seqs: int | None = None
+    decode_first: bool = True
+    use_shared_prefix: bool = True
+    cluster: bool = True
+    min_prefix_len: int | None = None
+    cuda_graphs: bool = True
+    attention_backend: str | None = None
+
+    def __post_init__(self):
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}.")
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}.")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1 or None (size from free memory), got {self.num_pages}.")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}.")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1 or None, got {self.max_num_seqs}.")
+        if self.attention_backend not in (None, "triton", "sdpa", "reference"):
+            raise ValueError(f"attention_backend must be None, 'triton', 'sdpa' or 'reference', got "
+                             f"{self.attention_backend!r}.")
+        if self.min_prefix_len is not None and self.min_prefix_len < 1:
+            raise ValueError(f"min_prefix_len must be >= 1 or None, got {self.min_prefix_len}.")

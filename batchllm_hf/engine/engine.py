@@ -1,0 +1,184 @@
+"""Engine: BatchLLM-style batch generation over an HF causal LM's own forward.
+
+    engine = Engine(model, EngineConfig(page_size=16))
+    outputs = engine.generate(prompts, GenerationConfig(max_new_tokens=64))   # list[RequestOutput]
+
+Flow: prompts -> groups (shared prefixes, clustering.py) -> Scheduler (admission, token batching, pages)
+-> ModelRunner (packed forward through the "batchllm" attention and the PagedCache) -> sampling.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig
+
+from ..attention import ATTN_IMPLEMENTATION
+from ..validation import check_model_supported
+from .config import EngineConfig
+from .decode_graphs import DecodeGraphs
+from .grouping import build_groups
+from .kv_pool import PagedCache, pool_pages
+from .runner import ModelRunner
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler, Sequence
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    token_ids: list[int]
+    finish_reason: str  # "eos", "stop" or "length"
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    groups: int = 0
+    logical_prompt_tokens: int = 0
+    physical_prompt_tokens: int = 0  # prefill tokens actually computed (recomputation included)
+    output_tokens: int = 0
+    steps: int = 0
+    preemptions: int = 0
+    num_pages: int = 0
+    # host-side wall time per phase; on a GPU "forward" is mostly launch time and the wait for the device
+    # shows up in "sample" (its .tolist() is the step's only sync besides the attention plan)
+    seconds: dict = field(default_factory=lambda: {"schedule": 0.0, "forward": 0.0, "sample": 0.0, "total": 0.0})
+    # (seconds since start, prefix pages, own pages, tokens in step) after each step
+    kv_timeline: list = field(default_factory=list)
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / max(1e-9, self.seconds["total"])
+
+    @property
+    def prefix_saving(self) -> float:
+        return 1.0 - self.physical_prompt_tokens / max(1, self.logical_prompt_tokens)
+
+
+class Engine:
+    def __init__(self, model, config: EngineConfig | None = None):
+        check_model_supported(model)
+        self.model = model
+        self.config = config or EngineConfig()
+        self.stats = EngineStats()
+        self._cache: PagedCache | None = None
+        self.decode_graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps, built on first use
+
+    def _kv_cache(self) -> PagedCache:
+        if self._cache is None:
+            cfg = self.config
+            num_pages = cfg.num_pages or pool_pages(self.model, cfg.page_size, self.model.dtype, self.model.device,
+                                                    cfg.kv_memory_fraction)
+            self._cache = PagedCache(self.model, num_pages, cfg.page_size, cfg.attention_backend)
+        return self._cache
+
+    def _runner(self, cache: PagedCache) -> ModelRunner:
+        runner = ModelRunner(self.model, cache, shared_prefix=self.config.use_shared_prefix)
+        if self.decode_graphs is None and self.config.cuda_graphs and cache.backend == "triton":
+            max_size = min(256, self.config.max_batch_tokens)
+            width = min(cache.num_pages, self.model.config.get_text_config().max_position_embeddings
+                        // cache.page_size + 1)
+            self.decode_graphs = DecodeGraphs(self.model, cache, runner.forward, max_size, width, capture=True)
+        if self.decode_graphs is not None:
+            self.decode_graphs.forward = runner.forward
+        runner.decode_graphs = self.decode_graphs
+        return runner
+
+    def generate(self, prompts: list[list[int]], generation_config: GenerationConfig | None = None, *,
+                 max_new_tokens_per_request: list[int] | None = None, expected_new_tokens: list[int] | None = None,
+                 seeds: list[int] | None = None, stop_token_ids: list[int] = (), on_finish=None) -> list[RequestOutput]:
+        """Generate for every prompt (token id lists). Returns outputs in input order; with
+        num_return_sequences = n, the n samples of prompt i are outputs i*n .. i*n+n-1.
+        `on_finish(index, output)` is called as each request finishes."""
+        gen = copy.deepcopy(generation_config or self.model.generation_config)
+        if gen.eos_token_id is None:  # as generate does: the model's eos unless the config sets one
+            gen.eos_token_id = getattr(self.model.generation_config, "eos_token_id", None)
+        params = SamplingParams.from_generation_config(gen, stop_token_ids)
+        n = int(gen.num_return_sequences or 1)
+        _check_prompts(prompts, self.model.config.get_text_config().vocab_size)
+        count = len(prompts)
+        max_new = _per_request(max_new_tokens_per_request, count, gen.max_new_tokens, "max_new_tokens_per_request")
+        if gen.max_new_tokens is None and max_new_tokens_per_request is None:
+            raise ValueError("Set generation_config.max_new_tokens (or max_new_tokens_per_request).")
+        expected = _per_request(expected_new_tokens, count, None, "expected_new_tokens")
+        seeds = _per_request(seeds, count, None, "seeds")
+        cfg = self.config
+        sequences = [
+            Sequence(index=i * n + j, prompt=list(prompts[i]), max_new_tokens=max_new[i],
+                     expected_new_tokens=min(max_new[i], expected[i] if expected[i] is not None else max_new[i]),
+                     eos_ids=params.eos_ids, stop_ids=params.stop_ids)
+            for i in range(count) for j in range(n)
+        ]
+        seed_of = [seeds[s.index // n] if seeds[s.index // n] is not None else s.index // n for s in sequences]
+        cache = self._kv_cache()
+        scheduler = Scheduler(cache.num_pages, cfg.page_size, cfg.max_batch_tokens, cfg.max_num_seqs, cfg.decode_first)
+        groups = build_groups(sequences, n, cfg)
+        for group in groups:
+            scheduler.add_group(group)
+        self.stats = stats = EngineStats(requests=len(sequences), groups=sum(1 for g in groups if g.prefix),
+                                         logical_prompt_tokens=sum(len(s.prompt) for s in sequences),
+                                         num_pages=cache.num_pages)
+        runner = self._runner(cache)
+        outputs: list[RequestOutput | None] = [None] * len(sequences)
+        previous = self.model.config._attn_implementation
+        self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        start = time.perf_counter()
+        try:
+            while not scheduler.done:
+                t0 = time.perf_counter()
+                chunks = scheduler.schedule()
+                if not chunks:
+                    raise RuntimeError("The scheduler found nothing to run: the KV pool is too small for the admitted "
+                                       "groups; give the engine more KV memory (EngineConfig.num_pages).")
+                t1 = time.perf_counter()
+                logits = runner.run(chunks)
+                t2 = time.perf_counter()
+                picked = [c.seq for c in chunks if c.sample]
+                tokens = sample(
+                    logits, params, seeds=[seed_of[s.index] for s in picked], keys=[s.index % n for s in picked],
+                    positions=[len(s.prompt) + len(s.output) for s in picked],
+                    num_generated=[len(s.output) for s in picked],
+                    histories=[s.prompt + s.output for s in picked] if params.repetition_penalty != 1.0 else None,
+                ) if picked else []
+                t3 = time.perf_counter()
+                stats.physical_prompt_tokens += sum(c.length for c in chunks if not (c.sample and c.length == 1
+                                                                                     and c.seq.output))
+                for seq in scheduler.update(chunks, tokens):
+                    outputs[seq.index] = RequestOutput(list(seq.output), seq.finish_reason)
+                    stats.output_tokens += len(seq.output)
+                    if on_finish is not None:
+                        on_finish(seq.index, outputs[seq.index])
+                stats.steps += 1
+                stats.seconds["schedule"] += t1 - t0
+                stats.seconds["forward"] += t2 - t1
+                stats.seconds["sample"] += t3 - t2
+                stats.kv_timeline.append((time.perf_counter() - start, *scheduler.pages_in_use(),
+                                          sum(c.length for c in chunks)))
+        finally:
+            self.model.set_attn_implementation(previous)
+            stats.seconds["total"] = time.perf_counter() - start
+            stats.preemptions = scheduler.num_preemptions
+        return outputs
+
+
+def _per_request(values, count: int, default, name: str) -> list:
+    if values is None:
+        return [default] * count
+    values = list(values)
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} entries for {count} prompts.")
+    return values
+
+
+def _check_prompts(prompts, vocab_size: int) -> None:
+    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)):
+        raise ValueError("prompts must be a list of token id lists (one per request), e.g. tokenizer(texts).input_ids.")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"Prompt {i} is empty: every prompt needs at least one token.")
+        low, high = min(prompt), max(prompt)
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"Prompt {i} holds {low if low < 0 else high}, not a token id in [0, {vocab_size}).")

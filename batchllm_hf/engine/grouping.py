@@ -1,0 +1,63 @@
+"""Requests -> scheduler Groups: shared prefixes from clustering, or a prompt shared by its n samples."""
+
+from __future__ import annotations
+
+from .config import EngineConfig
+from .scheduler import Group, Sequence
+
+try:
+    from ..clustering import cluster_prefixes
+except ImportError:  # clustering.py not in this checkout: fall back to first-token / common-prefix grouping
+    cluster_prefixes = None
+
+
+def _prefix_groups(prompts: list[list[int]], min_prefix_len: int, align: int) -> list[tuple[list[int], list[int]]]:
+    """[(prefix, member indices)] covering every prompt once (empty prefix = group of one)."""
+    if cluster_prefixes is not None:
+        plan = cluster_prefixes(prompts, min_prefix_len=min_prefix_len, min_group_size=2, align=align)
+        return [([int(t) for t in g.prefix], [int(i) for i in g.members]) for g in plan.groups]
+    from ..grouping import group_prompts
+
+    prefixes, group_of_row, _ = group_prompts(prompts, min_prefix_len=min_prefix_len)
+    members: dict[int, list[int]] = {}
+    for row, g in enumerate(group_of_row):
+        members.setdefault(g, []).append(row)
+    return [(prefixes[g], rows) for g, rows in members.items()]
+
+
+def _usable_prefix(prefix: list[int], prompts: list[list[int]], align: int) -> int:
+    """Longest length <= len(prefix), a multiple of `align`, that every member shares and that leaves each
+    member at least one own token (its last prompt token yields the first logits)."""
+    length = min([len(prefix)] + [len(p) - 1 for p in prompts])
+    length -= length % align
+    while length and any(p[:length] != prefix[:length] for p in prompts):
+        length -= align
+    return max(0, length)
+
+
+def build_groups(sequences: list[Sequence], num_samples: int, config: EngineConfig) -> list[Group]:
+    """`sequences` hold num_samples consecutive samples per prompt. Prefixes of clustered groups are cut to
+    whole pages; with use_shared_prefix off every prefix is page-aligned, since a member then reads its
+    group's prefix pages as the first pages of its own page table."""
+    page = config.page_size
+    by_prompt = [sequences[i:i + num_samples] for i in range(0, len(sequences), num_samples)]
+    if num_samples > 1:
+        # n samples of one prompt share the whole prompt but its last token
+        groups = []
+        for samples in by_prompt:
+            prompt = samples[0].prompt
+            length = len(prompt) - 1 if config.use_shared_prefix else (len(prompt) - 1) // page * page
+            groups.append(Group(prompt[:length], samples))
+        return groups
+    if not config.cluster:
+        return [Group([], samples) for samples in by_prompt]
+    prompts = [samples[0].prompt for samples in by_prompt]
+    min_prefix_len = config.min_prefix_len or page
+    groups = []
+    for prefix, members in _prefix_groups(prompts, min_prefix_len, page):
+        length = _usable_prefix(prefix, [prompts[i] for i in members], page) if len(members) > 1 else 0
+        if length < min_prefix_len:
+            groups += [Group([], by_prompt[i]) for i in members]
+        else:
+            groups.append(Group(prefix[:length], [s for i in members for s in by_prompt[i]]))
+    return groups

@@ -1,0 +1,43 @@
+"""The bench's CPU dry run writes its reports; the roofline follows workloads.md's formula."""
+
+import json
+
+from transformers import LlamaConfig
+
+from batchllm_hf.bench import main
+from batchllm_hf.bench_workloads import WORKLOADS, make_prompts, roofline
+
+
+def test_bench_dry_run_writes_reports(tmp_path):
+    assert main(["--tiny", "--workloads", "W-1B", "--skip-generate-batch", "--page-size", "16", "--warmup", "small",
+                 "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    runs = data["workloads"][0]["runs"]
+    assert set(runs) == {"batchllm", "batchllm (clustering off)", "batchllm (shared-prefix kernels off)",
+                         "batchllm (decode-first off)", "batchllm (memory budget off)", "batchllm (cuda graphs off)",
+                         "HF generate (sdpa, batch 64)"}
+    ours = runs["batchllm"]
+    assert ours["output_tokens"] == 3 * 4 * 4 and ours["physical_prompt_tokens"] < ours["logical_prompt_tokens"]
+    assert ours["kv_timeline"] and runs["batchllm (clustering off)"]["groups"] == 0
+    assert "| W-1B | batchllm |" in (tmp_path / "results.md").read_text()
+
+
+def test_workload_prompts_and_roofline():
+    w = WORKLOADS["W-8B"]
+    prompts, shared = make_prompts(w)
+    assert len(prompts) == 256 and shared == [(2048, 32)] * 8
+    assert all(2048 + 64 <= len(p) <= 2048 + 192 for p in prompts)
+    assert prompts != sorted(prompts)  # shuffled
+
+    class Fake:  # an 8B-shaped stand-in: parameter count only
+        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False)
+
+        def parameters(self):
+            import torch
+            yield torch.empty(8_030_261_248, dtype=torch.uint8, device="meta")
+
+    bound = roofline(w, prompts, shared, Fake(), {"matmul_flops": 776e12, "copy_bytes_per_s": 4.2e12})
+    assert abs(bound["lower_bound_s"] - 1.51) < 0.03  # workloads.md: W-8B lower bound 1.51 s
+    tree, tree_shared = make_prompts(WORKLOADS["W-tree"])
+    assert len(tree) == 512 and tree_shared[:2] == [(512, 128), (1024, 16)]

@@ -1,0 +1,168 @@
+"""The engine against plain HF generate (sdpa), token for token, per prompt (CPU, fp32, greedy)."""
+
+import random
+
+import pytest
+import torch
+
+from batchllm_hf.engine import Engine, EngineConfig
+from engine_helpers import EOS, greedy, hf_generate, prompt_set, tiny_model
+
+SHAPES = [  # (kind, num_kv_heads, ratio, head_dim)
+    ("llama", 2, 1, 64),
+    ("llama", 1, 7, 64),
+    ("qwen2", 2, 2, 128),
+    ("mistral", 1, 4, 64),
+    ("llama", 2, 4, 128),
+]
+
+
+def reference(model, prompts, max_new, **gen):
+    return [hf_generate(model, p, greedy(m, **gen)) for p, m in zip(prompts, max_new)]
+
+
+@pytest.mark.parametrize("kind,num_kv_heads,ratio,head_dim", SHAPES)
+def test_matches_hf_generate(kind, num_kv_heads, ratio, head_dim):
+    model = tiny_model(kind, num_kv_heads=num_kv_heads, ratio=ratio, head_dim=head_dim)
+    prompts = prompt_set(seed=ratio * 10 + head_dim)
+    rng = random.Random(1)
+    max_new = [rng.randint(1, 9) for _ in prompts]
+    engine = Engine(model, EngineConfig(page_size=8, max_batch_tokens=24, num_pages=128))
+    outputs = engine.generate(prompts, greedy(9), max_new_tokens_per_request=max_new)
+    assert [o.token_ids for o in outputs] == reference(model, prompts, max_new)
+    for out, limit in zip(outputs, max_new):
+        ended = out.token_ids[-1] == EOS
+        assert out.finish_reason == ("eos" if ended else "length")
+        assert ended or len(out.token_ids) == limit
+    stats = engine.stats
+    assert stats.groups == 3  # prefixes 40, 21, 9 tokens -> 40, 16, 8 (whole pages of 8)
+    assert stats.physical_prompt_tokens < stats.logical_prompt_tokens
+    assert model.config._attn_implementation == "sdpa"  # restored after the run
+
+
+@pytest.mark.parametrize("option", [
+    {"decode_first": False}, {"use_shared_prefix": False}, {"cluster": False}, {"max_num_seqs": 3},
+    {"attention_backend": "reference"}, {"page_size": 4, "max_batch_tokens": 7}, {"page_size": 64},
+])
+def test_ablations_and_layouts_match(option):
+    model = tiny_model("llama", num_kv_heads=2, ratio=2)
+    prompts = prompt_set(seed=3)
+    max_new = [1 + i % 6 for i in range(len(prompts))]
+    config = EngineConfig(**{"page_size": 8, "max_batch_tokens": 32, "num_pages": 256, **option})
+    outputs = Engine(model, config).generate(prompts, greedy(6), max_new_tokens_per_request=max_new)
+    assert [o.token_ids for o in outputs] == reference(model, prompts, max_new)
+
+
+def test_tiny_pool_admits_in_turns_and_preempts():
+    model = tiny_model("qwen2", num_kv_heads=1, ratio=2)
+    prompts = prompt_set(seed=5)
+    expected = reference(model, prompts, [12] * len(prompts))
+    # 12 pages of 4 tokens: one group at a time; expected_new_tokens=1 under-reserves, so decode growth preempts
+    engine = Engine(model, EngineConfig(page_size=4, max_batch_tokens=16, num_pages=24))
+    outputs = engine.generate(prompts, greedy(12), expected_new_tokens=[1] * len(prompts))
+    assert [o.token_ids for o in outputs] == expected
+    assert engine.stats.preemptions > 0
+    peak = max(prefix + own for _, prefix, own, _ in engine.stats.kv_timeline)
+    assert peak <= 24
+    assert engine.stats.kv_timeline[-1][1:3] == (0, 0)
+
+
+def test_eos_and_stop_tokens():
+    model = tiny_model("llama")
+    prompts = prompt_set(seed=7)
+    plain = reference(model, prompts, [10] * len(prompts))
+    eos = plain[0][3]  # a token the model does produce
+    with_eos = reference(model, prompts, [10] * len(prompts), eos_token_id=eos)
+    outputs = Engine(model, EngineConfig(page_size=8, num_pages=128)).generate(
+        prompts, greedy(10, eos_token_id=[eos, EOS]))
+    assert [o.token_ids for o in outputs] == with_eos
+    assert outputs[0].finish_reason == "eos" and outputs[0].token_ids[-1] == eos
+    stop = plain[1][2]
+    outputs = Engine(model, EngineConfig(page_size=8, num_pages=128)).generate(prompts, greedy(10),
+                                                                               stop_token_ids=[stop])
+    for out, ref in zip(outputs, plain):
+        cut = ref.index(stop) + 1 if stop in ref else len(ref)
+        assert out.token_ids == ref[:cut]
+        assert out.finish_reason == ("stop" if stop in ref else "eos" if ref[-1] == EOS else "length")
+
+
+def test_min_new_tokens_and_repetition_penalty_match_hf():
+    model = tiny_model("llama", ratio=4)
+    prompts = prompt_set(seed=9)
+    gen = dict(eos_token_id=EOS, min_new_tokens=4, repetition_penalty=1.7)
+    expected = reference(model, prompts, [8] * len(prompts), **gen)
+    outputs = Engine(model, EngineConfig(page_size=8, num_pages=128)).generate(prompts, greedy(8, **gen))
+    assert [o.token_ids for o in outputs] == expected
+
+
+def test_on_finish_callback_and_input_order():
+    model = tiny_model("llama")
+    prompts = prompt_set(seed=11)
+    seen = {}
+    outputs = Engine(model, EngineConfig(page_size=8, num_pages=128)).generate(
+        prompts, greedy(4), max_new_tokens_per_request=[1 + i % 4 for i in range(len(prompts))],
+        on_finish=lambda i, out: seen.setdefault(i, out))
+    assert sorted(seen) == list(range(len(prompts)))
+    assert [seen[i] for i in range(len(prompts))] == outputs
+    assert [len(o.token_ids) for o in outputs] == [1 + i % 4 for i in range(len(prompts))]
+
+
+def test_rejects_bad_input():
+    model = tiny_model("llama")
+    engine = Engine(model, EngineConfig(page_size=8, num_pages=4))
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([[5, 6], []], greedy(2))
+    with pytest.raises(ValueError, match="token id"):
+        engine.generate([[5, 999]], greedy(2))
+    with pytest.raises(ValueError, match="KV pages"):
+        engine.generate([[5] * 40], greedy(2))
+    with pytest.raises(TypeError):
+        EngineConfig(pages=3)
+    with pytest.raises(ValueError, match="power of two"):
+        EngineConfig(page_size=12)
+    with pytest.raises(ValueError, match="beam"):
+        engine.generate([[5, 6]], greedy(2, num_beams=2))
+    sliding = tiny_model("mistral")
+    sliding.config.sliding_window = 16
+    with pytest.raises(ValueError, match="sliding"):
+        Engine(sliding)
+
+
+def test_attention_mask_is_not_materialized():
+    """sdpa_mask must skip the mask for the packed step: PagedKV.attend raises if one arrives."""
+    model = tiny_model("llama")
+    calls = []
+    from batchllm_hf.engine import kv_pool
+
+    original = kv_pool.PagedKV.attend
+
+    def spy(self, query, attention_mask, scaling):
+        calls.append(attention_mask)
+        return original(self, query, attention_mask, scaling)
+
+    kv_pool.PagedKV.attend = spy
+    try:
+        Engine(model, EngineConfig(page_size=8, num_pages=64)).generate(prompt_set(seed=1), greedy(2))
+    finally:
+        kv_pool.PagedKV.attend = original
+    assert calls and all(mask is None for mask in calls)
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_decode_graph_static_buffers_match(shared):
+    """The CUDA-graph path's static buffers and padding rows, run eagerly (CPU has no graphs)."""
+    from batchllm_hf.engine.decode_graphs import DecodeGraphs
+
+    model = tiny_model("llama", num_kv_heads=2, ratio=2)
+    prompts = prompt_set(seed=13)
+    max_new = [2 + i % 7 for i in range(len(prompts))]
+    engine = Engine(model, EngineConfig(page_size=4, max_batch_tokens=16, num_pages=256, use_shared_prefix=shared))
+    graphs = DecodeGraphs(model, engine._kv_cache(), None, max_size=8, table_width=64, capture=False)
+    engine.decode_graphs = graphs
+    calls = []
+    original = graphs.run
+    graphs.run = lambda *a: calls.append(a[0].shape[1]) or original(*a)
+    outputs = engine.generate(prompts, greedy(8), max_new_tokens_per_request=max_new)
+    assert [o.token_ids for o in outputs] == reference(model, prompts, max_new)
+    assert calls and set(calls) - {1, 2, 4, 8}  # padded sizes were used (n below a captured size)

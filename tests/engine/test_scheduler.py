@@ -1,0 +1,158 @@
+"""Scheduler unit tests: pure Python, a fake model that 'samples' token 7 (never a stop token)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchllm_hf.engine.scheduler import Group, Scheduler, Sequence, pages_for
+
+
+def make_group(prefix_len, suffix_lens, new_tokens, start_index, expected=None):
+    prefix = list(range(100, 100 + prefix_len))
+    members = [Sequence(index=start_index + i, prompt=prefix + [5] * n, max_new_tokens=new_tokens,
+                        expected_new_tokens=expected or new_tokens)
+               for i, n in enumerate(suffix_lens)]
+    return Group(prefix, members)
+
+
+def run(scheduler, on_step=None, limit=10_000):
+    steps = []
+    while not scheduler.done:
+        chunks = scheduler.schedule()
+        assert chunks, "no progress"
+        steps.append(chunks)
+        if on_step:
+            on_step(scheduler, chunks)
+        scheduler.update(chunks, [7] * sum(c.sample for c in chunks))
+        assert len(steps) < limit
+    return steps
+
+
+def test_scheduler_imports_no_torch():
+    # importing the package imports torch (batchllm_hf/__init__), so load the file on its own
+    path = Path(__file__).parents[2] / "batchllm_hf" / "engine" / "scheduler.py"
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('s', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); sys.modules['s'] = m; spec.loader.exec_module(m); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_step_plan_decode_first_then_prefix_then_suffixes_under_budget():
+    s = Scheduler(num_pages=100, page_size=4, max_batch_tokens=10)
+    s.add_group(make_group(16, [3, 2], 5, 0))
+    steps = run(s)
+    first = steps[0]
+    assert isinstance(first[0].seq, Group) and first[0].length == 10 and not first[0].sample
+    assert isinstance(steps[1][0].seq, Group) and steps[1][0].length == 6
+    assert [(c.seq.index, c.length, c.sample) for c in steps[1][1:]] == [(0, 3, True), (1, 1, False)]
+    decode_then_prefill = steps[2]
+    assert [(c.seq.index, c.length) for c in decode_then_prefill] == [(0, 1), (1, 1)]
+    assert decode_then_prefill[1].sample  # member 1 finished its prompt: its first token is sampled
+    for chunks in steps:
+        assert sum(c.length for c in chunks) <= 10
+        kinds = [c.length == 1 and c.sample and c.seq.output for c in chunks if not isinstance(c.seq, Group)]
+        assert kinds == sorted(kinds, key=lambda k: not k)  # decode tokens come first
+    assert all(len(m.output) == 5 for m in s.running) or s.done
+
+
+def test_prefix_pages_freed_exactly_when_last_member_finishes():
+    s = Scheduler(num_pages=100, page_size=4, max_batch_tokens=64)
+    group = make_group(16, [1, 1, 1], 2, 0)
+    group.members[2].max_new_tokens = 6
+    group.members[2].expected_new_tokens = 6
+    s.add_group(group)
+    seen = []
+
+    def check(scheduler, chunks):
+        prefix, own = scheduler.pages_in_use()
+        seen.append((prefix, [m.finish_reason for m in group.members]))
+
+    run(s, check)
+    # prefix pages held while any member runs, released at the step the last one finished
+    for prefix, reasons in seen:
+        assert prefix == 4
+    assert s.pages_in_use() == (0, 0) and group.pages == []
+    assert [len(m.output) for m in group.members] == [2, 2, 6]
+    assert s.allocator.num_free == 100
+
+
+def test_decode_first_orders_groups_by_decode_to_prefill_ratio():
+    prefill_heavy = make_group(64, [8] * 2, 2, 0)
+    decode_heavy = make_group(8, [1] * 2, 50, 2)
+    single = make_group(0, [4], 10, 4)
+    for decode_first, expected in ((True, [2, 3, 4, 0, 1]), (False, [0, 1, 2, 3, 4])):
+        s = Scheduler(num_pages=12, page_size=8, max_batch_tokens=256, decode_first=decode_first)
+        for g in (make_group(64, [8] * 2, 2, 0), make_group(8, [1] * 2, 50, 2), make_group(0, [4], 10, 4)):
+            s.add_group(g)
+        order = []
+        while not s.done:
+            chunks = s.schedule()
+            order += [c.seq.index for c in chunks if not isinstance(c.seq, Group) and c.seq.index not in order]
+            s.update(chunks, [7] * sum(c.sample for c in chunks))
+        assert order == expected, decode_first
+    assert prefill_heavy.decode_ratio() < single.decode_ratio() < decode_heavy.decode_ratio()
+
+
+def test_admission_bounded_by_pages_and_by_max_num_seqs():
+    def peak_running(**kwargs):
+        s = Scheduler(page_size=4, max_batch_tokens=1000, **kwargs)
+        for g in range(4):
+            s.add_group(make_group(8, [4] * 4, 4, g * 4))
+        peak = []
+        run(s, lambda sch, _: peak.append((len(sch.running), sum(sch.pages_in_use()))))
+        return max(r for r, _ in peak), max(p for _, p in peak)
+
+    # a member reserves ceil((4 + 4) / 4) = 2 pages, a prefix 2 pages: one group = 10 pages; 25 pages hold
+    # two groups + the third's prefix and one member (a group that does not fit whole is admitted in parts)
+    assert peak_running(num_pages=25) == (9, 24)
+    assert peak_running(num_pages=1000) == (16, 40)
+    assert peak_running(num_pages=1000, max_num_seqs=5)[0] == 5
+
+
+def test_group_larger_than_pool_is_admitted_in_parts():
+    s = Scheduler(num_pages=7, page_size=4, max_batch_tokens=100)
+    group = make_group(8, [4] * 5, 4, 0)  # 2 prefix pages + 5 x 2
+    s.add_group(group)
+    run(s, lambda sch, _: assert_le(sum(sch.pages_in_use()), 7))
+    assert all(len(m.output) == 4 for m in group.members) and s.allocator.num_free == 7
+
+
+def assert_le(a, b):
+    assert a <= b
+
+
+def test_preemption_recomputes_and_keeps_the_prefix():
+    s = Scheduler(num_pages=8, page_size=2, max_batch_tokens=100)
+    group = make_group(4, [2, 2, 2], 6, 0, expected=1)  # reserves 2 pages each, grows to 4
+    s.add_group(group)
+    recomputed = []
+
+    def check(scheduler, chunks):
+        assert sum(scheduler.pages_in_use()) <= 8
+        assert scheduler.pages_in_use()[0] == 2
+        recomputed.extend(c.length for c in chunks if not isinstance(c.seq, Group) and c.seq.output and c.length > 1)
+
+    run(s, check)
+    assert s.num_preemptions > 0 and recomputed  # prompt + generated tokens prefilled again
+    assert all(m.output == [7] * 6 and m.finish_reason == "length" for m in group.members)
+    assert s.allocator.num_free == 8
+
+
+def test_request_larger_than_pool_is_refused():
+    s = Scheduler(num_pages=4, page_size=4, max_batch_tokens=100)
+    with pytest.raises(ValueError, match="KV pages"):
+        s.add_group(make_group(8, [4], 8, 0))
+    assert pages_for(9, 4) == 3
+
+
+def test_stop_reasons():
+    s = Scheduler(num_pages=10, page_size=4, max_batch_tokens=100)
+    seq = Sequence(index=0, prompt=[1, 2], max_new_tokens=5, expected_new_tokens=5, eos_ids=frozenset({9}),
+                   stop_ids=frozenset({8}))
+    s.add_group(Group([], [seq]))
+    chunks = s.schedule()
+    s.update(chunks, [8])
+    assert seq.finish_reason == "stop" and seq.output == [8] and s.done

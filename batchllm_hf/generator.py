@@ -101,8 +101,8 @@ class BatchGenerator:
         for name in filter(None, columns.values()):
             if name not in dataset.column_names:
                 raise ValueError(f"Column {name!r} is not in the dataset (columns: {dataset.column_names}).")
-        records = self._run_rows(dataset.to_dict() if len(dataset) else {k: [] for k in dataset.column_names},
-                                 columns, config, seed, progress_path, resume)
+        records = self._run_rows({name: dataset[name] for name in filter(None, columns.values())}, columns, config,
+                                 seed, progress_path, resume)
         new = self._output_columns(records, len(dataset), output_column, token_ids_column, finish_reason_column)
         fingerprint = hashlib.sha256(repr((dataset._fingerprint, sorted(columns.items()), output_column,
                                            config.to_json_string(), seed)).encode()).hexdigest()[:16]
@@ -145,7 +145,8 @@ class BatchGenerator:
         max_new = max_new or [config.max_new_tokens] * len(encoded)
         check_lengths(encoded, max_new, getattr(text_config, "max_position_embeddings", None), text_config.vocab_size)
         if seeds is None or all(s is None for s in seeds):
-            seeds = row_seeds(encoded, seed if seed is not None else 0)
+            # Per-row seeds matter only when sampling; hashing every prompt costs time on long prompts.
+            seeds = row_seeds(encoded, seed if seed is not None else 0) if config.do_sample else [0] * len(encoded)
         n = int(config.num_return_sequences or 1)
         log = ProgressLog(progress_path, resume=resume) if progress_path else None
         records = dict(log.done) if log else {}

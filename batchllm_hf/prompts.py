@@ -28,7 +28,7 @@ def encode_prompts(prompts: Sequence, tokenizer, *, column: str | None = None) -
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
         elif _is_token_ids(prompt):
-            ids = [int(t) for t in prompt]
+            ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
         else:
             raise ValueError(
                 f"Row {row}{where}: a prompt must be a string, a chat (list of role/content dicts) or a list of "
@@ -79,4 +79,4 @@ def _is_chat(prompt) -> bool:
 def _is_token_ids(prompt) -> bool:
     if hasattr(prompt, "tolist") and not isinstance(prompt, (list, tuple)):
         prompt = prompt.tolist()
-    return isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    return isinstance(prompt, (list, tuple)) and all(type(t) is int for t in prompt)

@@ -4,6 +4,15 @@
 against it.
 """
 
+from .attention_ops import (
+    allocate_plan,
+    paged_attention,
+    plan_paged_attention,
+    shared_prefix_decode,
+    shared_prefix_prefill,
+)
+from .attention_plan import PagedAttentionPlan
+from .dense_ops import plan_dense_shared_prefix, shared_prefix_attention_dense
 from .reference import (
     attention_with_lse,
     merge_attention_states,
@@ -13,6 +22,14 @@ from .reference import (
 )
 
 __all__ = [
+    "PagedAttentionPlan",
+    "allocate_plan",
+    "plan_dense_shared_prefix",
+    "shared_prefix_attention_dense",
+    "paged_attention",
+    "plan_paged_attention",
+    "shared_prefix_decode",
+    "shared_prefix_prefill",
     "attention_with_lse",
     "merge_attention_states",
     "own_attention_reference",

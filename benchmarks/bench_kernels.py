@@ -1,0 +1,319 @@
+"""Benchmark of the shared-prefix Triton attention (paged) on a GPU: one command, JSON + a printed table.
+
+    benchmarks/gpu_kernels.sh OUT_DIR --check          # CUDA kernel tests, real-shape checks, full grid
+    python benchmarks/bench_kernels.py --quick --sweep  # headline rows + a tile-configuration sweep
+
+Decode: G groups x B members (G * B = --requests, default 256), prefix P, own length S (incl. the new
+token), Hkv 8, head_dim 128, bf16, page_size 16, pages handed out in random order; grid P in {512, 2048,
+8192} x B in {1, 4, 16, 64, 256} x S in {64, 256, 1024} x GQA {4, 8}, plus P=2048 B=32 S=256 GQA 4 and
+plain decode (P=0). Reported per row: time of `paged_attention` (plan excluded: made once per step for all
+layers; its host time is in the JSON), achieved bandwidth over the bytes that MUST be read (each prefix
+once per group + each request's own KV + q/out) as a fraction of the measured device copy bandwidth
+(bytes read + written / time), the speedup over (a) torch SDPA (flash backend) on per-request KV with the
+prefix duplicated, and on the P=2048 S=256 GQA 4 rows with B in {1, 16, 32} also over (b) FlexAttention
+(torch.compile'd, same duplicated KV) and (c) the torch reference (it loops over sequences). Every row
+checks our output against SDPA's (max abs error; the summary flags rows over 3e-2).
+Prefill: M=4 members of one group each prefill a chunk of 512 tokens (their first), prefix P, against SDPA
+on duplicated prefix KV with a lower-right causal mask; TFLOP/s over the useful FLOPs against the
+measured bf16 matmul rate.
+--check first compares outputs AND lse with `paged_attention_reference` on real shapes (GQA 1/4/7/8, head
+dims 64/128/256, fp16/bf16, splits, prefill chunks) and replays a CUDA graph with a static plan.
+Timing: triton.testing.do_bench (L2 flushed between runs), mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from batchllm_hf.kernels import allocate_plan, paged_attention, plan_paged_attention, shared_prefix_prefill
+from batchllm_hf.kernels.paged import PagedAttentionMetadata, paged_attention_reference
+
+NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 8, 128, 16
+
+
+def make_step(groups: int, members: int, prefix: int, own: int, q_len: int, ratio: int, *, dtype=torch.bfloat16,
+              head_dim=HEAD_DIM, num_kv_heads=NUM_KV_HEADS, page_size=PAGE_SIZE, seed=0):
+    """Uniform step: every sequence has own_len `own` of which the last q_len are this step's queries."""
+    torch.manual_seed(seed)
+    seqs = groups * members
+    prefix_pages, own_pages = -(-prefix // page_size), -(-own // page_size)
+    num_pages = groups * prefix_pages + seqs * own_pages + 1
+    order = torch.randperm(num_pages, device="cuda", dtype=torch.int64).to(torch.int32)
+    prefix_table = order[: groups * prefix_pages].view(groups, prefix_pages)
+    own_table = order[groups * prefix_pages: num_pages - 1].view(seqs, own_pages)
+    meta = PagedAttentionMetadata(
+        q_starts=torch.arange(seqs + 1, device="cuda", dtype=torch.int32) * q_len,
+        own_lens=torch.full((seqs,), own, device="cuda", dtype=torch.int32),
+        own_pages=own_table if own_pages else torch.zeros((seqs, 1), device="cuda", dtype=torch.int32),
+        seq_group=torch.arange(groups, device="cuda", dtype=torch.int32).repeat_interleave(members),
+        prefix_pages=prefix_table if prefix_pages else torch.zeros((groups, 1), device="cuda", dtype=torch.int32),
+        prefix_lens=torch.full((groups,), prefix, device="cuda", dtype=torch.int32), page_size=page_size)
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    v_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    q = torch.randn((seqs * q_len, num_kv_heads * ratio, head_dim), device="cuda", dtype=dtype)
+    return q, k_cache, v_cache, meta
+
+
+def duplicated_kv(cache: torch.Tensor, meta: PagedAttentionMetadata, members: int, prefix: int, own: int):
+    """(N, Hkv, prefix + own, D): every request's prefix + own KV, the prefix copied per request."""
+    def dense(table, length):
+        n = table.shape[0]
+        return cache[table.long()].reshape(n, -1, *cache.shape[2:])[:, :length]
+    parts = [dense(meta.own_pages, own)]
+    if prefix:
+        parts.insert(0, dense(meta.prefix_pages, prefix).repeat_interleave(members, 0))
+    return torch.cat(parts, 1).transpose(1, 2).contiguous()
+
+
+def sdpa_flash(q, k, v, scale, causal_lower_right=False):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right as lower_right
+    mask = lower_right(q.shape[2], k.shape[2]) if causal_lower_right else None
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def timed(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=5, rep=25) * 1e-3  # seconds
+
+
+def device_ceilings() -> dict:
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    copy_s = timed(lambda: y.copy_(x))
+    del x, y
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_s = timed(lambda: a @ b)
+    return {"copy_GBps": 2 * (2 << 30) / copy_s / 1e9, "matmul_TFLOPs": 2 * 8192 ** 3 / mm_s / 1e12,
+            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__}
+
+
+def bench_decode(groups, members, prefix, own, ratio, ceilings, flex=False, ref=False) -> dict:
+    q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio)
+    scale = HEAD_DIM ** -0.5
+    t0 = time.perf_counter()
+    plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM)
+    plan_ms = (time.perf_counter() - t0) * 1e3
+    out = torch.empty_like(q)
+    ours = timed(lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan))
+    kv_bytes = 2 * NUM_KV_HEADS * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
+    must_read = kv_bytes + 2 * q.numel() * q.element_size()
+    row = dict(kind="decode", G=groups, B=members, P=prefix, S=own, gqa=ratio, time_us=ours * 1e6,
+               plan_ms=plan_ms, block_m=plan.block_m, items=plan.items.shape[0], merge=plan.needs_merge,
+               GBps=must_read / ours / 1e9)
+    row["frac_copy_bw"] = row["GBps"] / ceilings["copy_GBps"]
+    qd = q.unsqueeze(2)  # (N, Hq, 1, D)
+    kd = duplicated_kv(k_cache, meta, members, prefix, own)
+    vd = duplicated_kv(v_cache, meta, members, prefix, own)
+    expected = sdpa_flash(qd, kd, vd, scale).squeeze(2)
+    row["max_err_vs_sdpa"] = (out.float() - expected.float()).abs().max().item()
+    row["sdpa_us"] = timed(lambda: sdpa_flash(qd, kd, vd, scale)) * 1e6
+    row["speedup_sdpa"] = row["sdpa_us"] / row["time_us"]
+    if flex:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+            compiled = torch.compile(flex_attention, dynamic=False)
+            row["flex_us"] = timed(lambda: compiled(qd, kd, vd, scale=scale, enable_gqa=True)) * 1e6
+            row["speedup_flex"] = row["flex_us"] / row["time_us"]
+        except Exception as error:  # noqa: BLE001 - report, keep benchmarking
+            row["flex_error"] = repr(error)[:200]
+    if ref:
+        row["ref_us"] = timed(lambda: paged_attention_reference(q, k_cache, v_cache, meta, scale)) * 1e6
+        row["speedup_ref"] = row["ref_us"] / row["time_us"]
+    return row
+
+
+def bench_prefill(members, chunk, prefix, ratio, ceilings) -> dict:
+    q, k_cache, v_cache, meta = make_step(1, members, prefix, chunk, chunk, ratio)
+    scale = HEAD_DIM ** -0.5
+    plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM)
+    out = torch.empty_like(q)
+    ours = timed(lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan))
+    flops = 4 * q.shape[1] * HEAD_DIM * members * chunk * (prefix + (chunk + 1) / 2)
+    qd = q.view(members, chunk, -1, HEAD_DIM).transpose(1, 2)
+    kd = duplicated_kv(k_cache, meta, members, prefix, chunk)
+    vd = duplicated_kv(v_cache, meta, members, prefix, chunk)
+    expected = sdpa_flash(qd, kd, vd, scale, causal_lower_right=True).transpose(1, 2).reshape_as(q)
+    sdpa = timed(lambda: sdpa_flash(qd, kd, vd, scale, causal_lower_right=True))
+    return dict(kind="prefill", G=1, B=members, P=prefix, S=chunk, gqa=ratio, time_us=ours * 1e6,
+                block_m=plan.block_m, items=plan.items.shape[0], TFLOPs=flops / ours / 1e12,
+                frac_matmul=flops / ours / 1e12 / ceilings["matmul_TFLOPs"], sdpa_us=sdpa * 1e6,
+                speedup_sdpa=sdpa / ours, max_err_vs_sdpa=(out.float() - expected.float()).abs().max().item())
+
+
+def sweep_tiles() -> list[dict]:
+    """Time a few kernel configurations (block_n, num_warps, num_stages) on representative steps."""
+    rows = []
+    steps = [("decode", 8, 32, 2048, 256, 1, 4), ("decode", 256, 1, 8192, 1024, 1, 4),
+             ("decode", 1, 256, 2048, 256, 1, 8), ("decode", 256, 1, 2048, 64, 1, 8),
+             ("prefill", 1, 4, 8192, 512, 512, 4)]
+    configs = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4)]
+    for name, g, b, p, s, ql, r in steps:
+        q, k_cache, v_cache, meta = make_step(g, b, p, s, ql, r)
+        plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM)
+        out = torch.empty_like(q)
+        for bn, warps, stages in configs:
+            plan.block_n, plan.num_warps, plan.num_stages = bn, warps, stages
+            try:
+                t = timed(lambda: paged_attention(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5, out=out, plan=plan))
+            except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: report, go on
+                t = float("nan")
+                print("   sweep error", repr(error)[:120])
+            rows.append(dict(step=[name, g, b, p, s, ql, r], block_m=plan.block_m, block_m_own=plan.block_m_own,
+                             block_n=bn, num_warps=warps, num_stages=stages, time_us=t * 1e6))
+            print("  sweep", rows[-1], flush=True)
+    return rows
+
+
+def check_against_reference() -> list[dict]:
+    """Real-shape correctness: outputs and lse vs paged_attention_reference, plus a CUDA-graph replay."""
+    results = []
+    cases = [  # (G, B, P, S, q_len, ratio, head_dim, dtype)
+        (3, 5, 1025, 127, 1, 4, 128, torch.bfloat16), (2, 16, 2048, 13, 1, 7, 128, torch.float16),
+        (1, 64, 4096, 1, 1, 8, 64, torch.bfloat16), (5, 1, 8192, 1025, 1, 1, 256, torch.float16),
+        (2, 3, 2048, 128, 128, 4, 128, torch.bfloat16), (1, 4, 1025, 513, 257, 7, 64, torch.float16),
+        (1, 2, 127, 1025, 1025, 8, 256, torch.bfloat16), (4, 8, 0, 300, 1, 4, 128, torch.bfloat16),
+    ]
+    for g, b, p, s, ql, ratio, d, dtype in cases:
+        q, k_cache, v_cache, meta = make_step(g, b, p, s, ql, ratio, dtype=dtype, head_dim=d, seed=g + p)
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full(q.shape[:2], float("nan"), device="cuda")
+        shared_prefix_prefill(q, k_cache, v_cache, meta, d ** -0.5, out=out, lse=lse)
+        ref_out, ref_lse = paged_attention_reference(q, k_cache, v_cache, meta, d ** -0.5)
+        err, lse_err = (out.float() - ref_out.float()).abs().max().item(), (lse - ref_lse).abs().max().item()
+        ok = err < (3e-2 if dtype == torch.bfloat16 else 4e-3) and lse_err < 1e-3
+        results.append(dict(case=[g, b, p, s, ql, ratio, d, str(dtype)], out_err=err, lse_err=lse_err, ok=ok))
+        print("  ", results[-1], flush=True)
+    results.append(check_cuda_graph())
+    print("  ", results[-1], flush=True)
+    return results
+
+
+def check_cuda_graph() -> dict:
+    """Capture one step with a static plan, then replay it for a step with other lengths and groups."""
+    q, k_cache, v_cache, meta = make_step(4, 8, 2000, 300, 1, 4, seed=1)
+    scale = HEAD_DIM ** -0.5
+    lengths = [(1000, 100, [0, 1, 2, 3]), (2000, 300, [0, -1, 2, 3])]  # (prefix, own, group of each 8)
+
+    def fill(prefix, own, group_ids):
+        meta.prefix_lens.fill_(prefix)
+        meta.own_lens.fill_(own)
+        meta.seq_group.copy_(torch.tensor(group_ids, device="cuda", dtype=torch.int32).repeat_interleave(8))
+        plan_paged_attention(meta, 32, NUM_KV_HEADS, HEAD_DIM, buffers=static)
+
+    static = allocate_plan(max_tokens=q.shape[0], max_items=4096, max_parts=4096, num_q_heads=32,
+                           head_dim=HEAD_DIM, device="cuda")
+    out = torch.empty_like(q)
+    fill(*lengths[0])
+    paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=static)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=static)
+    errors = []
+    for step in reversed(lengths):
+        fill(*step)
+        out.fill_(float("nan"))
+        graph.replay()
+        ref_out, _ = paged_attention_reference(q, k_cache, v_cache, meta, scale)
+        errors.append((out.float() - ref_out.float()).abs().max().item())
+    return dict(case="cuda_graph_replay", out_err=max(errors), ok=max(errors) < 3e-2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time tile configurations first")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--out", default="bench_kernels.json")
+    args = parser.parse_args()
+    ceilings = device_ceilings()
+    print(json.dumps(ceilings))
+    report = {"ceilings": ceilings, "check": [], "rows": []}
+    if args.check:
+        report["check"] = check_against_reference()
+        print("check:", "ALL OK" if all(c["ok"] for c in report["check"]) else "FAILURES", flush=True)
+    if args.sweep:
+        report["sweep"] = sweep_tiles()
+    if args.quick:
+        grid = [(2048, b, 256, 4) for b in (1, 4, 32, 256)]
+    else:
+        grid = [(p, b, s, r) for r in (4, 8) for p in (512, 2048, 8192) for b in (1, 4, 16, 64, 256)
+                for s in (64, 256, 1024)] + [(2048, 32, 256, 4)]
+        grid += [(0, 1, s, r) for r in (4, 8) for s in (1024, 4096)]  # plain decode: no prefix at all
+    extras = {(2048, b, 256, 4) for b in (1, 16, 32)}
+    for p, b, s, r in grid:
+        groups = max(1, args.requests // b)
+        run_row(report, bench_decode, groups, b, p, s, r, ceilings, flex=(p, b, s, r) in extras,
+                ref=(p, b, s, r) in extras)
+    for p in (512, 2048, 8192):
+        for r in (4, 8):
+            run_row(report, bench_prefill, 4, 512, p, r, ceilings)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print_summary(report)
+
+
+def run_row(report: dict, bench, *args, **kwargs) -> None:
+    try:
+        row = bench(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - one failing row must not lose the others
+        row = dict(kind="error", args=repr(args[:5]), error=repr(error)[:300])
+        print("ERROR", row, flush=True)
+    else:
+        print(format_row(row), flush=True)
+    report["rows"].append(row)
+    torch.cuda.empty_cache()
+
+
+def print_summary(report: dict) -> None:
+    """The issue's targets, met or missed, from this run's rows."""
+    rows = [r for r in report["rows"] if r["kind"] != "error"]
+    bad = [r for r in rows if r["max_err_vs_sdpa"] > 3e-2]
+    print(f"rows: {len(rows)} ok, {len(report['rows']) - len(rows)} errors, {len(bad)} over 3e-2 vs SDPA")
+    decode = [r for r in rows if r["kind"] == "decode"]
+    long_prefix = [r for r in decode if r["P"] >= 2048]
+    if long_prefix:
+        worst = min(long_prefix, key=lambda r: r["frac_copy_bw"])
+        share = sum(r["frac_copy_bw"] >= 0.7 for r in long_prefix) / len(long_prefix)
+        print(f"target decode >=70% copy BW (P>=2048): {100 * share:.0f}% of rows meet it; worst "
+              f"{100 * worst['frac_copy_bw']:.1f}% at G={worst['G']} B={worst['B']} P={worst['P']} S={worst['S']} "
+              f"gqa={worst['gqa']}")
+    for r in decode:
+        if (r["P"], r["B"], r["S"], r["gqa"]) == (2048, 32, 256, 4):
+            print(f"target >=3x SDPA at P=2048 B=32 S=256 gqa=4: {r['speedup_sdpa']:.2f}x")
+    b1 = [r for r in decode if r["B"] == 1]
+    if b1:
+        worst = min(b1, key=lambda r: r["speedup_sdpa"])
+        print(f"target B=1 never >10% slower than SDPA: worst {worst['speedup_sdpa']:.2f}x at P={worst['P']} "
+              f"S={worst['S']} gqa={worst['gqa']}")
+    for r in rows:
+        if r["kind"] == "prefill" and r["P"] >= 2048:
+            print(f"target prefill >=50% matmul (P={r['P']} gqa={r['gqa']}): {100 * r['frac_matmul']:.1f}%")
+
+
+def format_row(row: dict) -> str:
+    extra = "".join(f" {k}={row[k]:.2f}x" for k in ("speedup_flex", "speedup_ref") if k in row)
+    if row["kind"] == "decode":
+        return (f"decode G={row['G']:4d} B={row['B']:3d} P={row['P']:5d} S={row['S']:5d} gqa={row['gqa']} "
+                f"{row['time_us']:9.1f}us {row['GBps']:7.0f}GB/s {100 * row['frac_copy_bw']:5.1f}%copy "
+                f"sdpa {row['speedup_sdpa']:5.2f}x err {row['max_err_vs_sdpa']:.1e}{extra}")
+    return (f"prefill B={row['B']} P={row['P']} chunk={row['S']} gqa={row['gqa']} {row['time_us']:9.1f}us "
+            f"{row['TFLOPs']:6.0f}TFLOP/s {100 * row['frac_matmul']:5.1f}%mm sdpa {row['speedup_sdpa']:5.2f}x "
+            f"err {row['max_err_vs_sdpa']:.1e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

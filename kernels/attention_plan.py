@@ -1,0 +1,276 @@
+"""Work decomposition for the shared-prefix Triton attention (kernels/shared_prefix_triton.py).
+
+One engine step (kernels/paged.py contract) is cut into WORK ITEMS, each one program per KV head:
+
+    prefix item  a run of consecutive sequences of one group (the engine keeps a group's members together),
+                 a tile of BLOCK_M of its rows, one KV chunk of the group prefix. Rows are
+                 (token, query head of this KV head) pairs, row = token * ratio + head, so all members'
+                 tokens and all query heads sharing the KV head fill one tensor-core tile and the prefix
+                 chunk is read once for the whole tile (once per group when the group fits one tile).
+    own item     one sequence, a tile of its rows, one KV chunk of its own KV (causal).
+
+Each KV range is cut into chunks of `chunk` tokens (flash-decoding split) so that a step of few, long
+sequences still fills the GPU; `chunk` is chosen per step from the total work, and the items are sorted
+longest first so no tail of idle programs remains. A (token, head) row that receives more than one
+partial result (several chunks, or prefix + own) writes each to a slot of a workspace and a merge kernel
+combines them by log-sum-exp; a row with a single partial writes the output directly.
+
+The plan is computed once per step on the host (one host sync; the same plan serves every layer). An
+engine that holds the step's metadata on the host can call `plan_attention` with numpy arrays instead and
+skip the device-to-host copies (only the plan's three host-to-device copies remain).
+CUDA graphs: allocate a static plan once with `allocate_plan(...)` (capacities for the captured batch),
+then before each replay call `plan_paged_attention(..., buffers=static_plan)`, which copies the step's
+plan into those buffers (device copies only; it coarsens the KV chunks until the step fits and raises
+ValueError if even unsplit it does not). A static plan launches a fixed grid of `num_programs` x Hkv
+programs (default 2 per SM) that loop over the step's items, so generous capacities cost no idle
+programs. Sizing for a captured decode batch of N sequences in G groups of B: max_tokens = N,
+max_items >= N + G * ceil(B * ratio / block_m) (unsplit) plus headroom for KV splits (e.g. + 4 * SMs),
+max_parts >= 2 * N (prefix + own) plus headroom. The tile sizes of a static plan are fixed (block_m for
+the largest group: 64 suits B * ratio >= 64; row sets of <= 16 rows always take 16-row tiles).
+The graph also captures the metadata tensors' addresses: keep them static and copy each step into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .paged import PagedAttentionMetadata
+
+# Item fields (int32): kind (bit 0: prefix, else own; bit 1: a small 16-row tile, for decode-sized row sets
+# in a step whose large tiles serve prefill chunks), page-table row, first q token of the row set, rows in the
+# row set, first row of this tile, KV start, KV end (causal end of the tile folded in), slot offset of this
+# partial, causal base (position of the row set's first token; a large value for prefix items).
+NUM_FIELDS = 9
+NO_CAUSAL = 1 << 30
+SMALL_TILE = 16
+_MIN_CHUNK = 256
+_PROGRAMS_PER_SM = 4
+
+
+@dataclass
+class PagedAttentionPlan:
+    """Device buffers describing one step's work items, plus the kernel's tile configuration."""
+
+    items: torch.Tensor        # (max_items, NUM_FIELDS) int32
+    num_items: torch.Tensor    # (1,) int32
+    num_parts: torch.Tensor    # (max_tokens,) int32: partial results per token (1: written directly)
+    part_start: torch.Tensor   # (max_tokens,) int32: first workspace slot of the token
+    part_out: torch.Tensor     # (max_parts, Hq, D) fp32 workspace
+    part_lse: torch.Tensor     # (max_parts, Hq) fp32 workspace
+    block_m: int               # rows per prefix tile
+    block_m_own: int           # rows per own tile
+    block_n: int
+    num_warps: int
+    num_stages: int
+    needs_merge: bool          # False only when no token has several partials (merge launch skipped)
+    num_programs: int          # programs along the item axis (each loops over items with this stride)
+
+
+def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:
+    if rows <= 16:
+        return 16
+    if rows <= 32:
+        return 32
+    if rows <= 64 or total_rows <= 2048 or head_dim > 128:
+        return 64
+    return 128
+
+
+def tile_config(max_prefix_rows: int, max_own_rows: int, head_dim: int,
+                total_rows: int) -> tuple[int, int, int, int, int]:
+    """(block_m, block_m_own, block_n, num_warps, num_stages): small tiles for decode, large for prefill."""
+    block_m = _rows_tile(max_prefix_rows, total_rows, head_dim)
+    block_m_own = _rows_tile(max_own_rows, total_rows, head_dim)
+    # Chosen from a sweep on an H200 (bf16, head_dim 128; benchmarks/bench_kernels.py --sweep):
+    if head_dim > 128:
+        return block_m, block_m_own, 32, 4, 3
+    if block_m_own >= 128:  # prefill chunks: 1183 us vs 1233 (64 keys, 8 warps) at P=8192, 4 x 512 tokens
+        return block_m, block_m_own, 32, 4, 3
+    if block_m >= 128:  # decode, large groups: 230 us vs 255 (64 keys, 8 warps) at B=256, GQA 8
+        return block_m, block_m_own, 128, 8, 3
+    return block_m, block_m_own, 64, 4, 3  # decode: best of 8 configurations on 3 steps
+
+
+def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: int, head_dim: int,
+                  device: torch.device | str, *, block_m: int = 16, block_m_own: int = 16, block_n: int = 64,
+                  num_warps: int = 4, num_stages: int = 3, num_programs: int | None = None) -> PagedAttentionPlan:
+    """Static buffers for CUDA-graph capture (fill them with `plan_paged_attention(..., buffers=plan)`).
+
+    The kernel's grid has `num_programs` x Hkv programs whatever max_items is (default: 2 per SM of the
+    device), each looping over the step's items, so a generous capacity costs no idle programs."""
+    if num_programs is None:
+        device = torch.device(device)
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        num_programs = 2 * num_sms
+    return PagedAttentionPlan(
+        items=torch.empty((max_items, NUM_FIELDS), dtype=torch.int32, device=device),  # read below num_items
+        num_items=torch.zeros((1,), dtype=torch.int32, device=device),
+        num_parts=torch.empty((max_tokens,), dtype=torch.int32, device=device),  # read below the step's T
+        part_start=torch.empty((max_tokens,), dtype=torch.int32, device=device),
+        part_out=torch.empty((max(max_parts, 1), num_q_heads, head_dim), dtype=torch.float32, device=device),
+        part_lse=torch.empty((max(max_parts, 1), num_q_heads), dtype=torch.float32, device=device),
+        block_m=block_m, block_m_own=block_m_own, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+        needs_merge=True, num_programs=min(num_programs, max_items),
+    )
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For per-owner counts: (owner of each expanded entry, index of the entry within its owner)."""
+    owner = np.repeat(np.arange(counts.shape[0]), counts)
+    starts = np.cumsum(counts) - counts
+    return owner, np.arange(owner.shape[0]) - starts[owner]
+
+
+def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
+                         num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
+                         buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
+    """Plan one step (host sync here, once per step). See the module docstring.
+
+    num_sms defaults to the device's; block_m and chunk (KV tokens per work item) override the heuristics
+    (tests use them to force splits and tile shapes)."""
+    tensors = (meta.q_starts, meta.own_lens, meta.seq_group, meta.prefix_lens)
+    arrays = [t.cpu().numpy().astype(np.int64) for t in tensors]
+    return plan_attention(*arrays, num_q_heads, num_kv_heads, head_dim, meta.own_lens.device, num_sms=num_sms,
+                          block_m=block_m, chunk=chunk, buffers=buffers)
+
+
+def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.ndarray, prefix_lens: np.ndarray,
+                   num_q_heads: int, num_kv_heads: int, head_dim: int, device: torch.device, *,
+                   own_starts: np.ndarray | None = None, prefix_starts: np.ndarray | None = None,
+                   num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
+                   buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
+    """`plan_paged_attention` on host arrays. own_starts / prefix_starts: first visible key of each
+    sequence's own KV / each group's prefix (left padding in the dense layout; zeros when None)."""
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads}).")
+    ratio = num_q_heads // num_kv_heads
+    own_starts = np.zeros_like(own_lens) if own_starts is None else own_starts
+    prefix_starts = np.zeros_like(prefix_lens) if prefix_starts is None else prefix_starts
+    num_tokens = int(q_starts[-1])
+    q_lens = np.diff(q_starts)
+    if (own_lens < q_lens).any():
+        raise ValueError("own_lens must include this step's tokens (own_lens >= q_len for every sequence).")
+    if num_sms is None:
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+    # Runs of consecutive sequences sharing one group with a non-empty prefix.
+    prefix_spans = prefix_lens - prefix_starts
+    has_prefix = (seq_group >= 0) & (prefix_spans[np.clip(seq_group, 0, None)] > 0 if prefix_lens.size else False)
+    new_run = np.ones(seq_group.shape[0], dtype=bool)
+    new_run[1:] = (seq_group[1:] != seq_group[:-1]) | ~has_prefix[1:] | ~has_prefix[:-1]
+    run_of_seq = np.cumsum(new_run) - 1
+    run_first = np.flatnonzero(new_run)
+    run_last = np.append(run_first[1:], seq_group.shape[0]) - 1
+    runs = np.flatnonzero(has_prefix[run_first])  # runs that have prefix work
+    run_group = seq_group[run_first[runs]]
+    run_tok_lo = q_starts[run_first[runs]]
+    run_rows = (q_starts[run_last[runs] + 1] - run_tok_lo) * ratio
+    runs, run_group, run_tok_lo, run_rows = (a[run_rows > 0] for a in (runs, run_group, run_tok_lo, run_rows))
+    run_kv, run_kv_lo = prefix_lens[run_group], prefix_starts[run_group]
+    own_seqs = np.flatnonzero(q_lens > 0)
+    own_rows = q_lens[own_seqs] * ratio
+    own_spans = own_lens[own_seqs] - own_starts[own_seqs]
+
+    total_rows = int(run_rows.sum() + own_rows.sum())
+    if buffers is not None:
+        bm, bmo = buffers.block_m, buffers.block_m_own
+        bn, warps, stages = buffers.block_n, buffers.num_warps, buffers.num_stages
+    else:
+        bm, bmo, bn, warps, stages = tile_config(int(run_rows.max(initial=0)), int(own_rows.max(initial=0)),
+                                                 head_dim, total_rows)
+        bm, bmo = block_m or bm, block_m or bmo
+
+    # Chunk size: enough programs for ~_PROGRAMS_PER_SM waves; never split what already fills the GPU.
+    # Row sets of at most 16 rows (decode tokens) take 16-row tiles whatever the step's large tiles are.
+    run_bm = np.where(run_rows <= SMALL_TILE, SMALL_TILE, bm)
+    own_bm = np.where(own_rows <= SMALL_TILE, SMALL_TILE, bmo)
+    run_kind = np.where(run_rows <= SMALL_TILE, 3, 1)
+    own_kind = np.where(own_rows <= SMALL_TILE, 2, 0)
+    run_tiles, own_tiles = _cdiv(run_rows, run_bm), _cdiv(own_rows, own_bm)
+    work = int((run_tiles * (run_kv - run_kv_lo)).sum() + (own_tiles * own_spans).sum())
+    unsplit_programs = int(run_tiles.sum() + own_tiles.sum()) * num_kv_heads
+    longest = int(max((run_kv - run_kv_lo).max(initial=0), own_spans.max(initial=0)))
+    target = num_sms * _PROGRAMS_PER_SM
+    if chunk is not None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be a positive number of KV tokens, got {chunk}.")
+    elif unsplit_programs >= target or longest <= _MIN_CHUNK:
+        chunk = max(longest, 1)
+    else:
+        chunk = max(_MIN_CHUNK, _cdiv(_cdiv(work * num_kv_heads, target), bn) * bn)
+
+    def build(chunk: int):
+        run_splits = _cdiv(run_kv - run_kv_lo, chunk)
+        own_splits = np.maximum(_cdiv(own_spans, chunk), 1)  # >= 1: a row with no visible key still gets 0
+        # Prefix items.
+        run_idx, local = _expand(run_tiles * run_splits)
+        # Split-major: the tiles reading one prefix chunk get adjacent program ids, so they run together and
+        # share the chunk through L2 when a group's rows need several tiles.
+        tile, split = local % run_tiles[run_idx], local // run_tiles[run_idx]
+        prefix_items = np.stack([
+            run_kind[run_idx], run_group[run_idx], run_tok_lo[run_idx], run_rows[run_idx], tile * run_bm[run_idx],
+            run_kv_lo[run_idx] + split * chunk, np.minimum(run_kv_lo[run_idx] + (split + 1) * chunk, run_kv[run_idx]),
+            split, np.full_like(tile, NO_CAUSAL),
+        ], axis=1)
+        # Own items; a sequence's prefix partials take its first slots.
+        seq_prefix_splits = np.zeros(seq_group.shape[0], dtype=np.int64)
+        seq_prefix_splits_runs = np.zeros(run_of_seq.max(initial=-1) + 1, dtype=np.int64)
+        seq_prefix_splits_runs[runs] = run_splits
+        seq_prefix_splits[:] = seq_prefix_splits_runs[run_of_seq] if seq_group.size else 0
+        own_idx, local = _expand(own_tiles * own_splits)
+        tile, split = local // own_splits[own_idx], local % own_splits[own_idx]
+        seq = own_seqs[own_idx]
+        causal_base = own_lens[seq] - q_lens[seq]
+        last_row = np.minimum((tile + 1) * own_bm[own_idx], own_rows[own_idx]) - 1
+        own_items = np.stack([
+            own_kind[own_idx], seq, q_starts[seq], own_rows[own_idx], tile * own_bm[own_idx],
+            own_starts[seq] + split * chunk,
+            np.minimum(own_starts[seq] + (split + 1) * chunk, causal_base + last_row // ratio + 1),
+            seq_prefix_splits[seq] + split,
+            causal_base,
+        ], axis=1)
+        items = np.concatenate([prefix_items, own_items]).reshape(-1, NUM_FIELDS)
+        cost = (items[:, 6] - items[:, 5]) * (1 + items[:, 0] % 2)
+        items = items[np.argsort(-cost, kind="stable")]
+
+        # Per token: number of partials and workspace slots.
+        seq_of_token = np.repeat(np.arange(q_lens.shape[0]), q_lens)
+        own_splits_all = np.zeros(q_lens.shape[0], dtype=np.int64)
+        own_splits_all[own_seqs] = own_splits
+        num_parts = (seq_prefix_splits + own_splits_all)[seq_of_token]
+        multi = np.where(num_parts > 1, num_parts, 0)
+        part_start = np.cumsum(multi) - multi
+        return items, num_parts, part_start, int(multi.sum())
+
+    items, num_parts, part_start, num_part_slots = build(chunk)
+    # A static plan: coarser chunks (fewer items and partials) until the step fits the capacities.
+    while buffers is not None and chunk < longest and (items.shape[0] > buffers.items.shape[0]
+                                                       or num_part_slots > buffers.part_out.shape[0]):
+        chunk *= 2
+        items, num_parts, part_start, num_part_slots = build(chunk)
+
+    arrays = dict(items=items, num_parts=num_parts, part_start=part_start)
+    tensors = {k: torch.from_numpy(v.astype(np.int32)).to(device) for k, v in arrays.items()}
+    if buffers is None:
+        buffers = allocate_plan(num_tokens, items.shape[0], num_part_slots, num_q_heads, head_dim, device,
+                                block_m=bm, block_m_own=bmo, block_n=bn, num_warps=warps, num_stages=stages,
+                                num_programs=items.shape[0])  # one item per program: hardware load balance
+        buffers.needs_merge = num_part_slots > 0
+    for name, have, need in (("max_items", buffers.items.shape[0], items.shape[0]),
+                             ("max_tokens", buffers.num_parts.shape[0], num_tokens),
+                             ("max_parts", buffers.part_out.shape[0], num_part_slots)):
+        if have < need:
+            raise ValueError(f"static plan too small: {name}={have} but this step needs {need}; "
+                             "allocate_plan with a larger capacity.")
+    buffers.items[: items.shape[0]].copy_(tensors["items"])
+    buffers.num_items.fill_(items.shape[0])
+    buffers.num_parts[:num_tokens].copy_(tensors["num_parts"])
+    buffers.part_start[:num_tokens].copy_(tensors["part_start"])
+    return buffers

@@ -1,0 +1,288 @@
+"""Triton shared-prefix attention over the paged KV layout: decode and chunked prefill in one launch.
+
+Algorithm (BatchLLM, arXiv 2412.03594, section 3.3 "horizontal fusion"; flash-decoding KV splits; the
+online softmax of the Triton fused-attention tutorial, base-2 exponentials). Written from those
+descriptions, no code copied.
+
+  launch 1  `_partial_attention_kernel`, grid (num_programs, Hkv): programs loop over the plan's work items
+            (kernels/attention_plan.py; one item per program unless the plan is a static one), per KV head:
+              prefix item: rows = (token, query head) pairs of ALL members of a group that are in this step
+                (decode tokens and prefill chunks alike), BLOCK_M rows per tile; attends to one chunk of the
+                group's prefix pages with no mask. The chunk is read once per tile, i.e. once per group when
+                the group's rows fit one tile (B * ratio <= BLOCK_M); the tiles of a larger group get
+                adjacent program ids and share the chunk through L2.
+              own item: rows of one sequence; one chunk of its own pages, causal (row token i of a q_len
+                chunk sees own positions <= own_len - q_len + i).
+            Row sets of <= 16 rows (decode tokens) use a 16-row tile, larger ones the step's BLOCK_M (one
+            compiled branch each), so decode tokens mixed into a prefill step waste no MMA rows.
+            Query heads sharing a KV head are folded into rows (row = token * ratio + head), so any GQA
+            ratio works, MHA (1) and non-powers of two (7) included.
+            A row with one partial result writes out/lse directly; others write (o, lse) to a workspace slot.
+  launch 2  `_merge_kernel`, grid (T, Hq / BLOCK_H): log-sum-exp merge of each row's partials (skipped by
+            the launcher when the plan has none, e.g. plain decode without prefixes or splits).
+So a step costs 2 launches (1 without partials) against the reference code's 3 (kernel, reduction,
+FlashAttention for ungrouped requests), with no minimum group size.
+
+KV side of the paged contract (kernels/paged.py): k_cache/v_cache (num_pages, page_size, Hkv, D) with
+identical strides, any page_size that is a power of two (blocks of BLOCK_N tokens gather their page ids
+per token, so page_size may be smaller or larger than BLOCK_N), the last dim contiguous. Page-table
+entries past a sequence's length are never read. q (T, Hq, D) with the last dim contiguous. The core
+launcher takes own and prefix KV as separate tensors with explicit strides, which is how the dense
+HF-cache layout reuses the kernel (kernels/dense_ops.py).
+
+Limits: head_dim a power of two in [16, 256]; dtypes fp16/bf16 (fp32 for tests: exact "ieee" dots);
+outputs in q's dtype, lse fp32 natural log; inference only (no backward); no sliding window, ALiBi or
+softcap; KV in the query's dtype (no FP8 KV).
+
+Tested: against `paged_attention_reference` (outputs and lse, NaN-poisoned outputs and workspace) under
+TRITON_INTERPRET=1 on CPU (tests/kernels, triton 3.9). On one H200 (torch 2.11, triton 3.6, 2026-11-29),
+the version before five later changes (grid-stride item loop, 16-row tile branch, separate prefix KV
+pointers, tuned tile configs, tl.reduce/tl.full for tl.max/tl.sum/tl.zeros; interpreter-tested only)
+passed the same tests on CUDA, 8 real-shape cases of benchmarks/bench_kernels.py --check (prefix
+0..8192, own up to 1025, prefill chunks up to 1025 tokens, GQA 1/4/7/8, head_dim 64/128/256, fp16/bf16)
+and a CUDA-graph replay with a static plan.
+Measured there (bf16, Hkv 8, D 128, 256 requests, page 16): decode at P=2048 S=256 reads its must-read bytes
+at 93% of copy bandwidth for groups of 1 (1.45x SDPA on duplicated KV), 75% for B=4, 45% for B=32 (5.1x
+SDPA), 39% for B=256 (5.3x SDPA): with many members the short per-request own items are latency-bound.
+Prefill chunks reach 25-29% of the bf16 matmul rate (0.65x SDPA flash): not tuned yet.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_plan import NUM_FIELDS, PagedAttentionPlan
+from .paged import PagedAttentionMetadata
+
+_LOG2E = 1.4426950408889634
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _partial_attention_kernel(
+    q_ptr, k_ptr, v_ptr, prefix_k_ptr, prefix_v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+    items_ptr, num_items_ptr, num_parts_ptr, part_start_ptr, own_pages_ptr, prefix_pages_ptr,
+    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
+    stride_ot, stride_oh, stride_own_pages, stride_prefix_pages,
+    ratio, num_q_heads, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    # Grid-stride over the items: one item per program for a plan made for this step (grid = its items),
+    # several for a static plan (grid = a few programs per SM, whatever the capacity: no idle tail).
+    for item in range(tl.program_id(0), tl.load(num_items_ptr), tl.num_programs(0)):
+        fields = items_ptr + item * NUM_FIELDS
+        kind = tl.load(fields + 0)
+        table_row = tl.load(fields + 1).to(tl.int64)
+        # Own KV and prefix KV may live in different tensors (the dense layout): pick pointers and strides.
+        is_prefix = (kind % 2).to(tl.int64)
+        page_stride = is_prefix * stride_pkp + (1 - is_prefix) * stride_kp
+        token_stride = is_prefix * stride_pkt + (1 - is_prefix) * stride_kt
+        head_offset = kv_head * (is_prefix * stride_pkh + (1 - is_prefix) * stride_kh)
+        if kind % 2 == 1:
+            table = prefix_pages_ptr + table_row * stride_prefix_pages
+            keys_ptr = prefix_k_ptr
+            values_ptr = prefix_v_ptr
+        else:
+            table = own_pages_ptr + table_row * stride_own_pages
+            keys_ptr = k_ptr
+            values_ptr = v_ptr
+        # Prefix tiles of large groups and own tiles of prefill chunks use the step's large tiles; decode-sized
+        # row sets (<= 16 rows) a 16-row tile, so decode tokens mixed into a prefill step waste no MMA rows.
+        if kind >= 2:
+            _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
+                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_offset,
+                         stride_ot, stride_oh, kv_head, ratio, num_q_heads, qk_scale,
+                         HEAD_DIM, 16, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
+        elif kind == 1:
+            _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
+                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_offset,
+                         stride_ot, stride_oh, kv_head, ratio, num_q_heads, qk_scale,
+                         HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
+        else:
+            _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
+                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_offset,
+                         stride_ot, stride_oh, kv_head, ratio, num_q_heads, qk_scale,
+                         HEAD_DIM, BLOCK_M_OWN, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
+
+
+@triton.jit
+def _attend_tile(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
+    num_parts_ptr, part_start_ptr,
+    stride_qt, stride_qh, page_stride, token_stride, head_offset, stride_ot, stride_oh,
+    kv_head, ratio, num_q_heads, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    tok_lo = tl.load(fields + 2)
+    num_rows = tl.load(fields + 3)
+    row_lo = tl.load(fields + 4)
+    kv_lo = tl.load(fields + 5)
+    kv_hi = tl.load(fields + 6)
+    slot_offset = tl.load(fields + 7)
+    causal_base = tl.load(fields + 8)
+    rows = row_lo + tl.arange(0, BLOCK_M)
+    row_valid = rows < num_rows
+    tokens = (tok_lo + rows // ratio).to(tl.int64)
+    heads = kv_head * ratio + rows % ratio
+    positions = causal_base + rows // ratio  # last visible key of each row (prefix: no limit)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_valid[:, None], other=0.0).to(DOT_DTYPE)
+
+    # Reductions are tl.reduce with triton.language.standard's own combiners (what tl.max / tl.sum compile
+    # to), zeros are tl.full: the CPU interpreter maps these to numpy even when triton was imported before
+    # TRITON_INTERPRET=1 was set (a full pytest run), where calling tl.max / tl.sum / tl.zeros fails.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_valid = keys < kv_hi
+        pages = tl.load(table + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
+        offsets = pages * page_stride + (keys % PAGE_SIZE) * token_stride + head_offset
+        k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
+        v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
+        visible = key_valid[None, :] & (keys[None, :] <= positions[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(scores, 1, tl.standard._elementwise_max))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    num_parts = tl.load(num_parts_ptr + tokens, mask=row_valid, other=1)
+    direct = row_valid & (num_parts == 1)
+    tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=direct[:, None])
+    tl.store(lse_ptr + tokens * num_q_heads + heads, lse, mask=direct)
+    split = row_valid & (num_parts > 1)
+    slots = (tl.load(part_start_ptr + tokens, mask=split, other=0) + slot_offset).to(tl.int64)
+    slot_rows = slots * num_q_heads + heads
+    tl.store(part_out_ptr + slot_rows[:, None] * HEAD_DIM + dims[None, :], o, mask=split[:, None])
+    tl.store(part_lse_ptr + slot_rows, lse, mask=split)
+
+
+@triton.jit
+def _merge_kernel(
+    out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, num_parts_ptr, part_start_ptr,
+    stride_ot, stride_oh, num_q_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0)
+    count = tl.load(num_parts_ptr + token)
+    if count <= 1:
+        return
+    first = tl.load(part_start_ptr + token).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_valid = heads < num_q_heads
+    dims = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    total = tl.full([BLOCK_H], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_H, HEAD_DIM], 0.0, dtype=tl.float32)
+    for j in range(count):
+        slot_rows = (first + j) * num_q_heads + heads
+        lse_j = tl.load(part_lse_ptr + slot_rows, mask=head_valid, other=float("-inf"))
+        o_j = tl.load(part_out_ptr + slot_rows[:, None] * HEAD_DIM + dims[None, :], mask=head_valid[:, None],
+                      other=0.0)
+        m_new = tl.maximum(m, lse_j)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale_old = tl.exp(m - m_safe)
+        scale_j = tl.exp(lse_j - m_safe)
+        acc = acc * scale_old[:, None] + o_j * scale_j[:, None]
+        total = total * scale_old + scale_j
+        m = m_new
+    has_keys = total > 0.0
+    o = acc / tl.where(has_keys, total, 1.0)[:, None]
+    lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
+    tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=head_valid[:, None])
+    tl.store(lse_ptr + token * num_q_heads + heads, lse, mask=head_valid)
+
+
+def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMetadata) -> None:
+    """Shape/dtype/stride checks with errors that say what to pass instead (no host sync)."""
+    if q.dim() != 3 or k_cache.dim() != 4:
+        raise ValueError(f"expected q (T, Hq, D) and k_cache (num_pages, page_size, Hkv, D); got {tuple(q.shape)} "
+                         f"and {tuple(k_cache.shape)}.")
+    head_dim = q.shape[2]
+    if head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {head_dim}.")
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache and v_cache must have the same shape and strides.")
+    if k_cache.shape[3] != head_dim or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit the KV cache {tuple(k_cache.shape)}: head_dim must "
+                         "match and Hq must be a multiple of Hkv.")
+    if k_cache.shape[1] != meta.page_size or meta.page_size & (meta.page_size - 1):
+        raise ValueError(f"page_size must be a power of two equal to k_cache.shape[1]; got meta.page_size="
+                         f"{meta.page_size}, k_cache.shape[1]={k_cache.shape[1]}.")
+    if q.dtype != k_cache.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q and KV must share one dtype among fp16/bf16/fp32; got {q.dtype} and {k_cache.dtype}.")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1:
+        raise ValueError("the head_dim axis of q and of the KV cache must be contiguous.")
+    for name in ("own_pages", "prefix_pages"):
+        table = getattr(meta, name)
+        if table.dtype != torch.int32 or table.dim() != 2 or table.stride(1) != 1:
+            raise ValueError(f"meta.{name} must be a 2-D int32 tensor with contiguous rows.")
+
+
+def launch_shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                   meta: PagedAttentionMetadata, scaling: float, plan: PagedAttentionPlan,
+                                   out: torch.Tensor | None = None,
+                                   lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the planned step: out (T, Hq, D) in q's dtype, lse (T, Hq) fp32. No host sync, no allocation
+    that depends on data (CUDA-graph safe when out/lse and the plan are static buffers)."""
+    check_inputs(q, k_cache, v_cache, meta)
+    kv = (k_cache, v_cache, k_cache.stride()[:3])
+    return launch_partial_attention(q, k_cache.shape[2], kv, kv, meta.own_pages, meta.prefix_pages, meta.page_size,
+                                    scaling, plan, out, lse)
+
+
+def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, prefix_pages, page_size, scaling, plan,
+                             out, lse):
+    """Core launcher. own_kv / prefix_kv: (keys, values, (page stride, token stride, head stride)), the
+    tensors' last dim contiguous and keys/values sharing strides; page tables 2-D int32 with unit column
+    stride. The paged layout passes the pool for both; the dense layout passes one 'page' per row."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    if out is None:
+        out = torch.empty_like(q)
+    if lse is None:
+        lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
+    if out.shape != q.shape or out.stride(2) != 1 or not lse.is_contiguous():
+        raise ValueError("out must have q's shape with a contiguous last dim, and lse must be contiguous (T, Hq).")
+    if num_tokens == 0:
+        return out, lse
+    if plan.part_out.shape[1:] != (num_q_heads, head_dim) or plan.num_parts.shape[0] < num_tokens:
+        raise ValueError("the plan was made for other head counts, head_dim, or fewer tokens; re-plan this step.")
+    grid = (max(1, min(plan.num_programs, plan.items.shape[0])), num_kv_heads)
+    _partial_attention_kernel[grid](
+        q, own_kv[0], own_kv[1], prefix_kv[0], prefix_kv[1], out, lse, plan.part_out, plan.part_lse,
+        plan.items, plan.num_items, plan.num_parts, plan.part_start, own_pages, prefix_pages,
+        q.stride(0), q.stride(1), *own_kv[2], *prefix_kv[2], out.stride(0), out.stride(1),
+        own_pages.stride(0), prefix_pages.stride(0), num_q_heads // num_kv_heads, num_q_heads, scaling * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M_PREFIX=plan.block_m, BLOCK_M_OWN=plan.block_m_own,
+        BLOCK_N=plan.block_n, PAGE_SIZE=page_size,
+        NUM_FIELDS=NUM_FIELDS, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # The CPU interpreter (triton 3.9) computes bf16 dots wrongly: there, dots run in fp32 on the same
+        # bf16-rounded operands.
+        DOT_DTYPE=_TL_DTYPES[q.dtype] if q.is_cuda else tl.float32,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    if plan.needs_merge:
+        block_h = min(triton.next_power_of_2(num_q_heads), max(1, 4096 // head_dim))
+        _merge_kernel[(num_tokens, triton.cdiv(num_q_heads, block_h))](
+            out, lse, plan.part_out, plan.part_lse, plan.num_parts, plan.part_start,
+            out.stride(0), out.stride(1), num_q_heads,
+            HEAD_DIM=head_dim, BLOCK_H=block_h, num_warps=4,
+        )
+    return out, lse

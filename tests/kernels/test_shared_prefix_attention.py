@@ -1,0 +1,177 @@
+"""Triton shared-prefix attention (paged) against the torch reference, under TRITON_INTERPRET=1 on CPU.
+
+Shapes are scaled down for the interpreter but keep what breaks tilings: lengths 1, 13, 127, 128, 1025,
+one group and many, groups of one, empty prefixes, ungrouped sequences, GQA 1/4/7/8, head dims 64/128,
+fp32/fp16/bf16, KV splits forced small, prefill chunks of several members of a group in one step.
+Outputs and lse start as NaN, so rows the kernels forget fail. The same tests run on a GPU when the
+tensors are CUDA (set BATCHLLM_TEST_DEVICE=cuda); benchmarks/bench_kernels.py --check covers real sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported by the kernels
+
+import pytest
+import torch
+
+from batchllm_hf.kernels import (
+    allocate_plan,
+    paged_attention,
+    plan_paged_attention,
+    shared_prefix_decode,
+    shared_prefix_prefill,
+)
+from batchllm_hf.kernels.paged import paged_attention_reference
+
+from paged_steps import random_paged_step  # tests/kernels is on sys.path (pytest rootdir-less import)
+
+pytest.importorskip("triton")
+DEVICE = os.environ.get("BATCHLLM_TEST_DEVICE", "cpu")
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def run_and_compare(groups, num_q_heads, num_kv_heads, head_dim, dtype, *, page_size=16, decode=False, seed=0,
+                    block_n=None, **plan_kwargs):
+    q, k_cache, v_cache, meta = random_paged_step(groups, num_q_heads, num_kv_heads, head_dim, page_size, dtype,
+                                                  DEVICE, seed)
+    scaling = head_dim ** -0.5
+    plan = plan_paged_attention(meta, num_q_heads, num_kv_heads, head_dim, **plan_kwargs)
+    plan.part_out.fill_(float("nan"))  # a workspace slot the kernel forgets to write poisons the merge
+    plan.part_lse.fill_(float("nan"))
+    plan.block_n = block_n or plan.block_n
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device=q.device)
+    launcher = shared_prefix_decode if decode else shared_prefix_prefill
+    launcher(q, k_cache, v_cache, meta, scaling, out=out, lse=lse, plan=plan, force_triton=True)
+    ref_out, ref_lse = paged_attention_reference(q, k_cache, v_cache, meta, scaling)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    return plan
+
+
+def decode_groups(prefix_lens, members, own_len):
+    return [(p, [(own_len + i, 1) for i in range(members)]) for p in prefix_lens]
+
+
+@pytest.mark.parametrize("prefix_len", [0, 1, 13, 127, 128, 1025])
+def test_decode_prefix_lengths(prefix_len):
+    groups = decode_groups([prefix_len], 3, 13) + [(None, [(1, 1), (128, 1)])]
+    run_and_compare(groups, 8, 2, 64, torch.float32, decode=True)
+
+
+@pytest.mark.parametrize("ratio,num_kv_heads", [(1, 3), (4, 2), (7, 1), (8, 1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_gqa_ratios(ratio, num_kv_heads, dtype):
+    groups = decode_groups([127, 13, 1], 5, 2) + [(40, [(1, 1)])]  # the last: a group of one
+    run_and_compare(groups, ratio * num_kv_heads, num_kv_heads, 64, dtype, decode=True)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_many_groups_uneven(head_dim):
+    groups = [(13 * g + 1, [(1 + 7 * m, 1) for m in range(1 + g % 4)]) for g in range(9)]
+    groups += [(0, [(5, 1), (1, 1)]), (None, [(33, 1)])]
+    run_and_compare(groups, 4, 1, head_dim, torch.float16, decode=True, seed=head_dim)
+
+
+@pytest.mark.parametrize("chunk", [16, 48])
+@pytest.mark.parametrize("page_size", [1, 4, 128])
+def test_decode_kv_splits(chunk, page_size):
+    # Forced small chunks: every row merges several prefix and own partials; pages smaller and larger than
+    # the kernel's BLOCK_N.
+    groups = decode_groups([127, 0], 2, 100) + [(None, [(129, 1)])]
+    plan = run_and_compare(groups, 4, 2, 64, torch.float32, page_size=page_size, decode=True, chunk=chunk)
+    assert plan.needs_merge
+
+
+@pytest.mark.parametrize("block_n", [32, 128])
+def test_tile_widths_used_on_gpu(block_n):
+    # The GPU configurations: 32 keys per step for prefill tiles, 128 for decode with large groups.
+    groups = [(130, [(40, 17), (9, 1), (2, 1)]), (None, [(150, 1)])]
+    run_and_compare(groups, 8, 2, 64, torch.float16, block_n=block_n, chunk=64)
+
+
+def test_decode_large_group_spans_several_tiles():
+    # 40 members x ratio 4 = 160 rows: several BLOCK_M tiles read the same prefix.
+    run_and_compare(decode_groups([128], 40, 3), 4, 1, 64, torch.bfloat16, decode=True, block_m=32)
+
+
+@pytest.mark.parametrize("q_len", [1, 13, 127])
+@pytest.mark.parametrize("ratio", [1, 7])
+def test_prefill_chunks_of_several_members(q_len, ratio):
+    # Members of one group prefill chunks in the same step (sharing the prefix read); the own KV holds
+    # earlier chunks + this chunk; plus a prefix prefill (ungrouped) and decode tokens (one in the big
+    # group, one in a group of its own: the small-tile items mixed with the large ones).
+    groups = [(128, [(q_len, q_len), (q_len + 20, q_len), (1, 1)]), (13, [(5, 1)]), (None, [(q_len + 3, q_len)])]
+    run_and_compare(groups, ratio, 1, 64, torch.float16, seed=q_len)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_split_and_large_tiles(dtype):
+    groups = [(1025, [(200, 130), (13, 13)]), (0, [(90, 90)])]
+    run_and_compare(groups, 8, 2, 128, dtype, chunk=256, block_m=128)
+
+
+def test_group_members_not_contiguous():
+    # The contract keeps a group's members together, but the plan must stay correct when they are not.
+    q, k_cache, v_cache, meta = random_paged_step([(50, [(3, 1), (4, 1)]), (20, [(5, 1)])], 4, 2, 64, 16,
+                                                  torch.float32, DEVICE)
+    meta.seq_group = torch.tensor([0, 1, 0], dtype=torch.int32, device=DEVICE)
+    plan = plan_paged_attention(meta, 4, 2, 64)
+    out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
+    ref_out, ref_lse = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_static_plan_buffers_are_reused():
+    # CUDA-graph usage: one static plan, refilled for two different steps, larger than either needs.
+    # 3 programs per KV head loop over all items (the grid of a static plan does not grow with max_items).
+    static = allocate_plan(max_tokens=16, max_items=64, max_parts=64, num_q_heads=4, head_dim=64, device=DEVICE,
+                           block_m=16, num_programs=3)
+    for seed, groups in enumerate([decode_groups([60], 3, 5), decode_groups([7, 300], 2, 40)]):
+        q, k_cache, v_cache, meta = random_paged_step(groups, 4, 2, 64, 16, torch.float32, DEVICE, seed)
+        plan = plan_paged_attention(meta, 4, 2, 64, buffers=static, chunk=64)
+        assert plan is static and int(plan.num_items) > plan.num_programs
+        out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
+        ref_out, ref_lse = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
+        torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_static_plan_coarsens_chunks_to_fit():
+    q, k_cache, v_cache, meta = random_paged_step(decode_groups([60], 3, 5), 4, 2, 64, 16, torch.float32, DEVICE)
+    static = allocate_plan(max_tokens=3, max_items=4, max_parts=6, num_q_heads=4, head_dim=64, device=DEVICE)
+    plan_paged_attention(meta, 4, 2, 64, buffers=static, chunk=16)  # chunk 16 would need 7 items
+    assert int(static.num_items) == 4
+    out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=static, force_triton=True)
+    ref_out, ref_lse = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_static_plan_too_small_raises():
+    q, k_cache, v_cache, meta = random_paged_step(decode_groups([60], 3, 5), 4, 2, 64, 16, torch.float32)
+    static = allocate_plan(max_tokens=16, max_items=1, max_parts=0, num_q_heads=4, head_dim=64, device="cpu")
+    with pytest.raises(ValueError, match="max_items"):
+        plan_paged_attention(meta, 4, 2, 64, buffers=static)
+
+
+def test_input_checks():
+    q, k_cache, v_cache, meta = random_paged_step(decode_groups([8], 2, 3), 4, 2, 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="one query token per sequence"):
+        shared_prefix_decode(q[:1], k_cache, v_cache, meta, 0.125, force_triton=True)
+    with pytest.raises(ValueError, match="head_dim"):
+        shared_prefix_prefill(q[..., :48], k_cache[..., :48], v_cache[..., :48], meta, 0.125, force_triton=True)
+    with pytest.raises(ValueError, match="dtype"):
+        shared_prefix_prefill(q.half(), k_cache, v_cache, meta, 0.125, force_triton=True)
+
+
+def test_paged_attention_dispatches_to_reference_off_cuda():
+    q, k_cache, v_cache, meta = random_paged_step(decode_groups([30], 2, 3), 4, 2, 64, 16, torch.float32)
+    out = torch.full_like(q, float("nan"))
+    result = paged_attention(q, k_cache, v_cache, meta, 0.125, out=out)
+    assert result is out
+    torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.125)[0], atol=0, rtol=0)

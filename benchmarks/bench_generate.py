@@ -115,6 +115,36 @@ def logits_check(model, rows):
     return result
 
 
+def cuda_parity() -> dict:
+    """fp32 on the GPU: SharedPrefixCache generate (Triton kernels) token-identical to plain SDPA generate, on
+    the tests' tiny configs (the CPU suite checks the torch-reference path the same way)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from hf_models import left_pad as pad_rows, model_pair, shared_prefix_prompts, tiny_config
+
+    modes = {"greedy": dict(do_sample=False, max_new_tokens=12),
+             "beams": dict(do_sample=False, num_beams=3, num_return_sequences=2, max_new_tokens=8),
+             "sampling": dict(do_sample=True, num_return_sequences=2, max_new_tokens=10)}
+    results = {}
+    for kind, kv, ratio, head_dim in [("llama", 2, 1, 64), ("qwen2", 2, 4, 128), ("mistral", 1, 7, 64),
+                                      ("llama", 2, 4, 128)]:
+        ours, plain = model_pair(tiny_config(kind, num_kv_heads=kv, ratio=ratio, head_dim=head_dim))
+        ours, plain = ours.cuda(), plain.cuda()
+        rows = shared_prefix_prompts(seed=ratio + head_dim, groups=((40, 5), (23, 3), (17, 1)), singles=2)
+        ids, mask = pad_rows(rows)
+        ids, mask = ids.cuda(), mask.cuda()
+        for mode, kwargs in modes.items():
+            cache, inputs = SharedPrefixCache.from_inputs(ours, ids, mask)
+            torch.manual_seed(0)
+            out = ours.generate(**inputs, **{cache_argument_name(ours): cache}, **kwargs)
+            torch.manual_seed(0)
+            ref = plain.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            results[f"{kind}-gqa{ratio}-d{head_dim}-{mode}"] = torch.equal(out[:, inputs["input_ids"].shape[1]:],
+                                                                           ref[:, ids.shape[1]:])
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="llama3-8b", choices=sorted(MODELS))
@@ -132,7 +162,9 @@ def main() -> None:
     with torch.device(DEVICE):
         model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="batchllm",
                                                  dtype=torch.bfloat16).eval()
-    results = {"model": args.model, "torch": torch.__version__, "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
+    parity = cuda_parity() if DEVICE == "cuda" else {}
+    print("fp32 parity on the GPU (Triton path):", json.dumps(parity), flush=True)
+    results = {"fp32_parity_cuda": parity, "model": args.model, "torch": torch.__version__, "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
     results["logits"] = logits_check(model, workload(2, 4, args.prefix, (64, 192), seed=2))
     print("logits:", json.dumps(results["logits"]), flush=True)
 

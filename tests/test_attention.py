@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from batchllm_hf.cache import SharedPrefixKV
-from batchllm_hf.kernels.reference import attention_with_lse, merge_attention_states
+from batchllm_hf.kernels.reference import (attention_with_lse, merge_attention_states,
+                                           shared_prefix_attention_reference)
 from hf_models import left_pad, model_pair, shared_prefix_prompts, tiny_config
 
 
@@ -34,17 +34,17 @@ def random_layout(batch, groups, num_kv_heads, ratio, head_dim, prefix_len, own_
     dense_mask = torch.cat([prefix_mask[group_index][:, None, None, :].expand(-1, 1, q_len, -1), own_mask], dim=-1)
     dense_k = torch.cat([pk[group_index], ok], dim=2)
     dense_v = torch.cat([pv[group_index], ov], dim=2)
-    shared = SharedPrefixKV(pk, pv, prefix_mask, group_index, ok, ov)
-    return q, shared, dense_k, dense_v, dense_mask
+    return q, (pk, pv, prefix_mask, group_index, ok, ov), dense_k, dense_v, dense_mask
 
 
 @pytest.mark.parametrize("prefix_len,own_len,q_len", [(1, 1, 1), (13, 5, 1), (127, 13, 13), (128, 20, 4),
                                                       (1025, 3, 1), (0, 6, 6)])
 @pytest.mark.parametrize("ratio", [1, 4, 7])
-def test_attend_matches_sdpa_on_concatenated_kv(prefix_len, own_len, q_len, ratio):
+def test_shared_prefix_reference_matches_sdpa_on_concatenated_kv(prefix_len, own_len, q_len, ratio):
     q, shared, k, v, mask = random_layout(batch=6, groups=3, num_kv_heads=2, ratio=ratio, head_dim=32,
                                           prefix_len=prefix_len, own_len=own_len, q_len=q_len, seed=prefix_len + ratio)
-    ours = shared.attend(q, mask[..., prefix_len:], scaling=0.2)
+    ours, _ = shared_prefix_attention_reference(q, *shared, mask[..., prefix_len:], scaling=0.2)
+    ours = ours.transpose(1, 2)
     ref, _ = sdpa_attention_forward(FakeModule(ratio), q, k, v, mask, scaling=0.2)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 

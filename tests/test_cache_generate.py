@@ -85,8 +85,10 @@ def test_prefix_kv_is_stored_once_per_group():
     ids, mask = left_pad(rows)
     cache, inputs = SharedPrefixCache.from_inputs(ours, ids, mask)
     layer = cache.layers[0]
-    assert layer.prefix_keys.shape[0] == 1  # one group, one copy
-    assert layer.prefix_keys.shape[2] == 16 and int(layer.prefix_mask.sum()) == 16
+    prefix_keys = layer.dense_views(0)[0]
+    assert prefix_keys.shape[0] == 1 and prefix_keys.shape[2] == 16  # one group, one copy, one page
+    assert layer.layout.prefix_lens.tolist() == [16]
+    assert layer.keys.shape[0] == 1  # before generation the pool holds just the prefix page
     assert cache.get_seq_length() == 16
     assert inputs["input_ids"].shape[0] == len(rows)
 
@@ -115,3 +117,17 @@ def test_past_key_values_name_works_on_every_version():
     out = ours.generate(**inputs, past_key_values=cache, max_new_tokens=5, do_sample=False)
     ref = plain.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert torch.equal(out[:, inputs["input_ids"].shape[1]:], ref[:, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beams_return_2", "sampling_return_3"])
+def test_paged_kernel_path_matches_plain_generate(monkeypatch, mode):
+    """The path CUDA takes (rows ordered by group, packed tokens, paged metadata and plan), here with the
+    kernels' own CPU fallback, the paged torch reference."""
+    import batchllm_hf.cache
+
+    monkeypatch.setattr(batchllm_hf.cache, "use_triton", lambda query: True)
+    kwargs = {"greedy": dict(do_sample=False, max_new_tokens=10), **GENERATION_MODES}[mode]
+    ours, plain = model_pair(tiny_config("qwen2", num_kv_heads=2, ratio=4, head_dim=64), seed=5)
+    rows = shared_prefix_prompts(seed=9, groups=((20, 3), (18, 2)), singles=1)
+    new, ref, _ = generate_both(ours, plain, rows, seed=3, **kwargs)
+    assert torch.equal(new, ref)

@@ -12,7 +12,6 @@ from .attention_ops import (
     shared_prefix_prefill,
 )
 from .attention_plan import PagedAttentionPlan
-from .dense_ops import plan_dense_shared_prefix, shared_prefix_attention_dense
 from .reference import (
     attention_with_lse,
     merge_attention_states,
@@ -24,8 +23,6 @@ from .reference import (
 __all__ = [
     "PagedAttentionPlan",
     "allocate_plan",
-    "plan_dense_shared_prefix",
-    "shared_prefix_attention_dense",
     "paged_attention",
     "plan_paged_attention",
     "shared_prefix_decode",

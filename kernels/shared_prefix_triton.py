@@ -27,8 +27,8 @@ KV side of the paged contract (kernels/paged.py): k_cache/v_cache (num_pages, pa
 identical strides, any page_size that is a power of two (blocks of BLOCK_N tokens gather their page ids
 per token, so page_size may be smaller or larger than BLOCK_N), the last dim contiguous. Page-table
 entries past a sequence's length are never read. q (T, Hq, D) with the last dim contiguous. The core
-launcher takes own and prefix KV as separate tensors with explicit strides, which is how the dense
-HF-cache layout reuses the kernel (kernels/dense_ops.py).
+launcher takes own and prefix KV as separate tensors with explicit strides (the paged path passes the
+same pool for both).
 
 Limits: head_dim a power of two in [16, 256]; dtypes fp16/bf16 (fp32 for tests: exact "ieee" dots);
 outputs in q's dtype, lse fp32 natural log; inference only (no backward); no sliding window, ALiBi or
@@ -40,7 +40,8 @@ the version before five later changes (grid-stride item loop, 16-row tile branch
 pointers, tuned tile configs, tl.reduce/tl.full for tl.max/tl.sum/tl.zeros; interpreter-tested only)
 passed the same tests on CUDA, 8 real-shape cases of benchmarks/bench_kernels.py --check (prefix
 0..8192, own up to 1025, prefill chunks up to 1025 tokens, GQA 1/4/7/8, head_dim 64/128/256, fp16/bf16)
-and a CUDA-graph replay with a static plan.
+and a CUDA-graph replay with a static plan. The changed kernels then ran on the H200 inside the engine
+benchmark (W-1B, W-8B; no output check in that run).
 Measured there (bf16, Hkv 8, D 128, 256 requests, page 16): decode at P=2048 S=256 reads its must-read bytes
 at 93% of copy bandwidth for groups of 1 (1.45x SDPA on duplicated KV), 75% for B=4, 45% for B=32 (5.1x
 SDPA), 39% for B=256 (5.3x SDPA): with many members the short per-request own items are latency-bound.

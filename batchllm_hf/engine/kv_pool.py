@@ -64,9 +64,9 @@ class PagedKV:
     backend: str
 
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        """query (1, Hq, T, D) of the packed step -> (1, T, Hq, D)."""
-        if attention_mask is not None:
-            raise ValueError("The engine's paged cache expects no attention mask (pass explicit position_ids).")
+        """query (1, Hq, T, D) of the packed step -> (1, T, Hq, D). The attention pattern is the step's paged
+        metadata; a mask transformers builds anyway is ignored (it builds a causal (T, T) one while a CUDA
+        graph is being captured, since it treats capture as tracing; that broke graph capture on the H200)."""
         q = query[0].transpose(0, 1)
         if self.backend == "triton":
             out = _triton_paged_attention(q, self.k_cache, self.v_cache, self.step.meta, scaling, plan=self.step.plan)

@@ -23,13 +23,16 @@ def main() -> None:
     parser.add_argument("--workload", default="W-8B")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run with a tiny model")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engine-excluded", action="store_true",
+                        help="time the front end alone (CPU is enough): the engine replaced by canned outputs")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     import datasets
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     workload = tiny_version(WORKLOADS[args.workload]) if args.tiny else WORKLOADS[args.workload]
-    model = build_model(workload.model, device)
+    # With the engine excluded only the model's config is read: a tiny model with the workload's prompts.
+    model = build_model("tiny" if args.engine_excluded else workload.model, device)
     prompts, _ = make_prompts(workload)
     config = GenerationConfig(max_new_tokens=workload.output, min_new_tokens=workload.output, do_sample=False)
     generator = BatchGenerator(model)
@@ -45,6 +48,8 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start, result
 
+    if args.engine_excluded:
+        return front_end_alone(generator, ds, config, len(prompts), workload.output)
     generator.engine.generate(prompts[:16], config)  # warm-up (kernels compiled, pool allocated)
     # Alternate the two; the engine's own time varies run to run, so the front end's cost is also taken
     # inside each map call (map wall time minus the engine time of that same call).
@@ -67,6 +72,26 @@ def main() -> None:
     print(f"| {workload.name} | engine.generate {best['engine']:.2f} s | BatchGenerator.map {best['map']:.2f} s | "
           f"front end {result['front_end_overhead_best_vs_best']:+.1%} (best vs best), {inside:+.1%} (same call) | "
           f"outputs identical: {same} |")
+
+
+def front_end_alone(generator, ds, config, count, new_tokens) -> None:
+    """The front end's own cost: the same map() with the engine replaced by canned outputs."""
+    from batchllm_hf.engine import RequestOutput
+
+    canned = RequestOutput(list(range(new_tokens)), "length")
+
+    def engine(prompts, config, *, on_finish=None, **kwargs):
+        for index in range(len(prompts)):
+            on_finish(index, canned)
+        return [canned] * len(prompts)
+
+    generator.engine.generate = engine
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        generator.map(ds, generation_config=config, token_ids_column="ids")
+        seconds.append(time.perf_counter() - start)
+    print(f"front end alone ({count} requests): best {min(seconds):.3f} s of {[round(s, 3) for s in seconds]}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ logger = logging.get_logger(__name__)
 @dataclass
 class GeneratorStats:
     requests: int = 0
-    groups: int = 0
+    groups: int = 0  # groups with a shared prefix
+    ungrouped: int = 0  # requests that share no prefix
     logical_prompt_tokens: int = 0
     physical_prompt_tokens: int = 0
     output_tokens: int = 0
@@ -41,7 +42,8 @@ class GeneratorStats:
 
     @property
     def sharing_degree(self) -> float:
-        return self.requests / max(1, self.groups)
+        """Mean requests per prefill unit (a shared group or a request of its own)."""
+        return self.requests / max(1, self.groups + self.ungrouped)
 
     @property
     def saving(self) -> float:
@@ -53,7 +55,8 @@ class GeneratorStats:
 
     def __str__(self) -> str:
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
-        return (f"{self.requests} requests in {self.groups} prefix groups (sharing degree {self.sharing_degree:.1f}); "
+        return (f"{self.requests} requests: {self.groups} prefix groups + {self.ungrouped} alone (sharing degree "
+                f"{self.sharing_degree:.1f}); "
                 f"prompt tokens {self.logical_prompt_tokens} logical -> {self.physical_prompt_tokens} computed "
                 f"(saving {self.saving:.1%}); {self.output_tokens} output tokens at {self.output_tokens_per_s:.0f} tok/s; "
                 f"{phases}")
@@ -250,7 +253,7 @@ class BatchGenerator:
     def _update_stats(self, seconds: float) -> None:
         s = self.engine.stats
         self.stats = GeneratorStats(
-            requests=s.requests, groups=s.groups, logical_prompt_tokens=s.logical_prompt_tokens,
+            requests=s.requests, groups=s.groups, ungrouped=s.ungrouped, logical_prompt_tokens=s.logical_prompt_tokens,
             physical_prompt_tokens=s.physical_prompt_tokens, output_tokens=s.output_tokens,
             oom_retries=self.stats.oom_retries,
             seconds={"engine": s.seconds.get("total", 0.0), **{k: v for k, v in s.seconds.items() if k != "total"},

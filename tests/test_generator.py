@@ -39,7 +39,8 @@ def test_map_matches_per_row_generate(models):
     for row in out:
         assert row["generation"] == plain_text(plain, tokenizer, tokenizer(row["prompt"]).input_ids, 7)
         assert row["finish_reason"] in ("eos", "length")
-    assert gen.stats.groups >= 2
+    assert (gen.stats.groups, gen.stats.ungrouped) == (2, 2)
+    assert gen.stats.sharing_degree == pytest.approx(len(texts) / 4)
     assert 0 < gen.stats.physical_prompt_tokens < gen.stats.logical_prompt_tokens
     assert gen.stats.output_tokens == sum(len(i) for i in out["ids"])
 

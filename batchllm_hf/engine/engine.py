@@ -36,7 +36,8 @@ class RequestOutput:
 @dataclass
 class EngineStats:
     requests: int = 0
-    groups: int = 0
+    groups: int = 0  # groups with a shared prefix
+    ungrouped: int = 0  # requests that run alone (no shared prefix)
     logical_prompt_tokens: int = 0
     physical_prompt_tokens: int = 0  # prefill tokens actually computed (recomputation included)
     output_tokens: int = 0
@@ -119,6 +120,7 @@ class Engine:
         for group in groups:
             scheduler.add_group(group)
         self.stats = stats = EngineStats(requests=len(sequences), groups=sum(1 for g in groups if g.prefix),
+                                         ungrouped=sum(len(g.members) for g in groups if not g.prefix),
                                          logical_prompt_tokens=sum(len(s.prompt) for s in sequences),
                                          num_pages=cache.num_pages)
         runner = self._runner(cache)

@@ -8,7 +8,8 @@ runs unchanged (eval loss, padding, gathering across processes, compute_metrics,
 and lays it out exactly as `generate` would: the prompt as given, then the new tokens, shorter rows
 filled with the pad token.
 
-Under several processes each rank generates the rows its dataloader shard holds; the stock loop gathers
+Under several processes the prompts of all ranks are clustered together and whole prefix groups are
+dealt to ranks; each rank generates its groups, the generations are exchanged, and the stock loop gathers
 the predictions in order.
 
 `GenerationEvalCallback` does the same for a plain `Trainer`: at each evaluation it generates for a fixed
@@ -23,6 +24,7 @@ from collections import defaultdict, deque
 import torch
 from transformers import GenerationConfig, Seq2SeqTrainer, TrainerCallback
 
+from .clustering import cluster_prefixes
 from .engine import EngineConfig
 from .generator import BatchGenerator
 
@@ -98,15 +100,39 @@ class BatchLLMSeq2SeqTrainer(Seq2SeqTrainer):
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
                 prompts += [row[m].tolist() for row, m in zip(ids, mask)]
-            generator = BatchGenerator(self.model, None, engine_config=self.engine_config)
-            outputs = generator.generate(prompts, self._generation_config(), return_token_ids=True)
+            outputs = self._generate_shared(prompts)
         finally:
             self.model.train(was_training)
-        self.generation_stats = generator.stats
         generated: dict[tuple, deque] = defaultdict(deque)
         for prompt, output in zip(prompts, outputs):
             generated[tuple(prompt)].append(output)
         return generated
+
+    def _generate_shared(self, prompts: list[list[int]]) -> list[list[int]]:
+        """Generations for this process's prompts. With several processes, the prompts of all ranks are
+        clustered together and whole prefix groups are dealt to ranks (balanced by prompt tokens); each rank
+        generates its groups and the results are exchanged, so a group is never split across ranks."""
+        config = self._generation_config()
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            generator = BatchGenerator(self.model, None, engine_config=self.engine_config)
+            outputs = generator.generate(prompts, config, return_token_ids=True)
+            self.generation_stats = generator.stats
+            return outputs
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        per_rank = [None] * world
+        torch.distributed.all_gather_object(per_rank, prompts)
+        everything = [p for rank_prompts in per_rank for p in rank_prompts]
+        engine = self.engine_config or EngineConfig()  # deal groups as the engine will form them
+        mine = _deal_groups(everything, world, min_prefix_len=engine.min_prefix_len or engine.page_size,
+                            align=engine.page_size)[rank]
+        generator = BatchGenerator(self.model, None, engine_config=self.engine_config)
+        outputs = generator.generate([everything[row] for row in mine], config, return_token_ids=True) if mine else []
+        self.generation_stats = generator.stats
+        results = [None] * world
+        torch.distributed.all_gather_object(results, dict(zip(mine, outputs)))
+        merged = {row: output for part in results for row, output in part.items()}
+        offset = sum(len(p) for p in per_rank[:rank])
+        return [merged[offset + i] for i in range(len(prompts))]
 
     def _layout_like_generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -119,6 +145,18 @@ class BatchLLMSeq2SeqTrainer(Seq2SeqTrainer):
         for i, tokens in enumerate(new):
             tail[i, :len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
         return torch.cat([input_ids, tail], dim=1)
+
+
+def _deal_groups(prompts: list[list[int]], world: int, **clustering) -> list[list[int]]:
+    """Row indices per rank: whole prefix groups, largest first, each to the rank with the fewest tokens."""
+    groups = [list(map(int, g.members)) for g in cluster_prefixes(prompts, **clustering).groups] if prompts else []
+    groups.sort(key=lambda rows: -sum(len(prompts[r]) for r in rows))
+    shares, load = [[] for _ in range(world)], [0] * world
+    for rows in groups:
+        target = load.index(min(load))
+        shares[target] += rows
+        load[target] += sum(len(prompts[r]) for r in rows)
+    return shares
 
 
 class GenerationEvalCallback(TrainerCallback):

@@ -45,7 +45,17 @@ def compare(output_dir: str, max_new_tokens: int = 6) -> dict:
         "stock_labels": stock.label_ids.tolist(), "ours_labels": ours.label_ids.tolist(),
         "stock_metrics": stock.metrics, "ours_metrics": ours.metrics, "metric_calls": len(calls),
         "groups": ours_trainer.generation_stats.groups,
+        "per_rank": _per_rank((ours_trainer.generation_stats.groups, ours_trainer.generation_stats.requests)),
     }
+
+
+def _per_rank(value):
+    """[value of each rank] (one entry without torch.distributed)."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 if __name__ == "__main__":

@@ -23,10 +23,7 @@ from ..kernels.paged import PagedAttentionMetadata
 from .kv_pool import PagedCache, Step, plan_paged_attention
 from .paged_sdpa import StepShape
 
-try:
-    from ..kernels import allocate_plan
-except ImportError:
-    allocate_plan = None
+from ..kernels import allocate_plan
 
 
 class DecodeGraphs:

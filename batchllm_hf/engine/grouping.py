@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
+from ..clustering import cluster_prefixes
 from .config import EngineConfig
 from .scheduler import Group, Sequence
-
-try:
-    from ..clustering import cluster_prefixes
-except ImportError:  # clustering.py not in this checkout: fall back to first-token / common-prefix grouping
-    cluster_prefixes = None
 
 
 def _prefix_groups(prompts: list[list[int]], min_prefix_len: int, align: int) -> list[tuple[list[int], list[int]]]:
     """[(prefix, member indices)] covering every prompt once (empty prefix = group of one)."""
-    if cluster_prefixes is not None:
-        plan = cluster_prefixes(prompts, min_prefix_len=min_prefix_len, min_group_size=2, align=align)
-        return [([int(t) for t in g.prefix], [int(i) for i in g.members]) for g in plan.groups]
-    from ..grouping import group_prompts
-
-    prefixes, group_of_row, _ = group_prompts(prompts, min_prefix_len=min_prefix_len)
-    members: dict[int, list[int]] = {}
-    for row, g in enumerate(group_of_row):
-        members.setdefault(g, []).append(row)
-    return [(prefixes[g], rows) for g, rows in members.items()]
+    plan = cluster_prefixes(prompts, min_prefix_len=min_prefix_len, min_group_size=2, align=align)
+    return [([int(t) for t in g.prefix], [int(i) for i in g.members]) for g in plan.groups]
 
 
 def _usable_prefix(prefix: list[int], prompts: list[list[int]], align: int) -> int:

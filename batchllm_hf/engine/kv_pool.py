@@ -5,7 +5,8 @@ Per layer one k and one v tensor of shape (num_pages, page_size, Hkv, D) (kernel
 the step's slots and returns a `PagedKV` in place of key/value tensors, whose `attend` the "batchllm"
 attention function calls (attention.py). The cache claims no past (`get_seq_length() == 0`,
 `get_mask_sizes(q) == (q, 0)`) and the engine passes explicit position ids, so transformers' sdpa_mask
-skips the (T x T) mask: attention_mask arrives as None and the paged metadata carries all structure.
+skips the (T x T) mask (except while a CUDA graph is captured, when it builds one, which attend ignores):
+the paged metadata carries all structure.
 """
 
 from __future__ import annotations
@@ -15,14 +16,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..kernels import paged_attention, plan_paged_attention
 from ..kernels.paged import PagedAttentionMetadata, paged_attention_reference
 from .paged_sdpa import StepShape, paged_attention_sdpa
-
-try:  # the Triton kernels (kernels/attention_ops.py), when this checkout has them
-    from ..kernels import paged_attention as _triton_paged_attention
-    from ..kernels import plan_paged_attention
-except ImportError:
-    _triton_paged_attention = plan_paged_attention = None
 
 
 def kv_dims(model) -> tuple[int, int, int]:
@@ -69,7 +65,7 @@ class PagedKV:
         graph is being captured, since it treats capture as tracing; that broke graph capture on the H200)."""
         q = query[0].transpose(0, 1)
         if self.backend == "triton":
-            out = _triton_paged_attention(q, self.k_cache, self.v_cache, self.step.meta, scaling, plan=self.step.plan)
+            out = paged_attention(q, self.k_cache, self.v_cache, self.step.meta, scaling, plan=self.step.plan)
         elif self.backend == "sdpa":
             out = paged_attention_sdpa(q, self.k_cache, self.v_cache, self.step.meta, scaling, self.step.shape)
         else:
@@ -120,11 +116,8 @@ class PagedCache(Cache):
         self.num_pages, self.page_size, self.scratch_page = num_pages, page_size, num_pages
         if backend not in (None, "triton", "sdpa", "reference"):
             raise ValueError(f"backend must be 'triton', 'sdpa' or 'reference', got {backend!r}.")
-        if backend == "triton" and _triton_paged_attention is None:
-            raise ValueError("backend='triton' needs batchllm_hf.kernels.paged_attention, missing in this install.")
         self.num_heads = (model.config.get_text_config().num_attention_heads, num_kv_heads, head_dim)
-        self.backend = backend or ("triton" if _triton_paged_attention is not None and device.type == "cuda"
-                                   else "sdpa")
+        self.backend = backend or ("triton" if device.type == "cuda" else "sdpa")
         self.step: Step | None = None
         layers = []
         for _ in range(num_layers):

@@ -170,24 +170,27 @@ class BatchGenerator:
                     bar.update(1)
                     bar.set_postfix(tok_s=f"{self.engine.stats.output_tokens / max(1e-9, time.perf_counter() - start):.0f}")
 
+        attempts = []  # the engine's stats of each attempt (more than one after an out-of-memory error)
         try:
             self._engine_with_oom_retry([encoded[r] for r in todo], config, [max_new[r] for r in todo],
-                                        [seeds[r] for r in todo], finished, todo, n, records)
+                                        [seeds[r] for r in todo], finished, todo, n, records, attempts)
         finally:
             if log:
                 log.close()
             if bar is not None:
                 bar.close()
-        self._update_stats(time.perf_counter() - start)
+        self._update_stats(attempts, time.perf_counter() - start)
         return records
 
-    def _engine_with_oom_retry(self, prompts, config, max_new, seeds, finished, todo, n, records):
+    def _engine_with_oom_retry(self, prompts, config, max_new, seeds, finished, todo, n, records, attempts):
         while True:
             try:
                 self.engine.generate(prompts, config, max_new_tokens_per_request=max_new, seeds=seeds,
                                      on_finish=finished)
+                attempts.append(self.engine.stats)
                 return
             except torch.OutOfMemoryError:
+                attempts.append(self.engine.stats)
                 keep = [i for i, row in enumerate(todo) if row not in records]
                 if not keep:
                     return
@@ -201,7 +204,6 @@ class BatchGenerator:
                 self.engine = Engine(self.model, self.engine_config)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                self.stats.oom_retries += 1
                 todo[:] = [todo[i] for i in keep]
                 prompts, max_new, seeds = ([v[i] for i in keep] for v in (prompts, max_new, seeds))
 
@@ -250,14 +252,20 @@ class BatchGenerator:
         for i, row in enumerate(rows):
             yield {**row, **{k: v[i] for k, v in new.items()}}
 
-    def _update_stats(self, seconds: float) -> None:
-        s = self.engine.stats
+    def _update_stats(self, attempts: list, seconds: float) -> None:
+        """Stats of one call: grouping from the first engine attempt, work and time summed over attempts."""
+        first = attempts[0] if attempts else self.engine.stats
+        phases: dict[str, float] = {}
+        for attempt in attempts:
+            for name, value in attempt.seconds.items():
+                key = "engine" if name == "total" else name
+                phases[key] = phases.get(key, 0.0) + value
         self.stats = GeneratorStats(
-            requests=s.requests, groups=s.groups, ungrouped=s.ungrouped, logical_prompt_tokens=s.logical_prompt_tokens,
-            physical_prompt_tokens=s.physical_prompt_tokens, output_tokens=s.output_tokens,
-            oom_retries=self.stats.oom_retries,
-            seconds={"engine": s.seconds.get("total", 0.0), **{k: v for k, v in s.seconds.items() if k != "total"},
-                     "generator": seconds},
+            requests=first.requests, groups=first.groups, ungrouped=first.ungrouped,
+            logical_prompt_tokens=first.logical_prompt_tokens,
+            physical_prompt_tokens=sum(a.physical_prompt_tokens for a in attempts),
+            output_tokens=sum(a.output_tokens for a in attempts), oom_retries=max(0, len(attempts) - 1),
+            seconds={**phases, "generator": seconds},
         )
 
 

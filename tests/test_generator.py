@@ -128,8 +128,11 @@ def test_out_of_memory_lowers_budgets_and_continues(models):
         return original(*args, on_finish=hook, **kwargs)
 
     gen.engine.generate = oom_after_two
-    assert gen.generate(texts, max_new_tokens=5) == expected
+    ids = gen.generate(texts, max_new_tokens=5, return_token_ids=True)
+    assert [tiny_tokenizer().decode(t, skip_special_tokens=True) for t in ids] == expected
     assert gen.stats.oom_retries == 1
+    assert gen.stats.requests == len(texts)
+    assert gen.stats.output_tokens == sum(map(len, ids))  # both attempts counted, nothing twice
     assert gen.engine_config.max_batch_tokens == ENGINE.max_batch_tokens // 2
 
 

@@ -16,8 +16,8 @@ partial result (several chunks, or prefix + own) writes each to a slot of a work
 combines them by log-sum-exp; a row with a single partial writes the output directly.
 
 The plan is computed once per step on the host (one host sync; the same plan serves every layer). An
-engine that holds the step's metadata on the host can call `plan_attention` with numpy arrays instead and
-skip the device-to-host copies (only the plan's three host-to-device copies remain).
+engine that holds the step's metadata on the host calls `plan_attention` with numpy arrays instead and
+skips that sync: the plan then reaches the device in one non-blocking copy from pinned memory.
 CUDA graphs: allocate a static plan once with `allocate_plan(...)` (capacities for the captured batch),
 then before each replay call `plan_paged_attention(..., buffers=static_plan)`, which copies the step's
 plan into those buffers (device copies only; it coarsens the KV chunks until the step fits and raises
@@ -256,8 +256,13 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         chunk *= 2
         items, num_parts, part_start, num_part_slots = build(chunk)
 
-    arrays = dict(items=items, num_parts=num_parts, part_start=part_start)
-    tensors = {k: torch.from_numpy(v.astype(np.int32)).to(device) for k, v in arrays.items()}
+    packed = torch.from_numpy(np.concatenate([items.ravel(), num_parts, part_start]).astype(np.int32))
+    if torch.device(device).type == "cuda":  # pinned + non_blocking: the copy does not wait for the device
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    else:
+        packed = packed.to(device)
+    flat_items, plan_parts, plan_starts = packed.split([items.size, num_tokens, num_tokens])
+    tensors = dict(items=flat_items.view(items.shape[0], NUM_FIELDS), num_parts=plan_parts, part_start=plan_starts)
     if buffers is None:
         buffers = allocate_plan(num_tokens, items.shape[0], num_part_slots, num_q_heads, head_dim, device,
                                 block_m=bm, block_m_own=bmo, block_n=bn, num_warps=warps, num_stages=stages,

@@ -21,6 +21,8 @@ class EngineConfig:
     min_prefix_len:      shortest prefix worth a group (tokens); None = one page.
     cuda_graphs:         capture decode-only steps as CUDA graphs (ignored on CPU).
     attention_backend:   "triton", "sdpa" or "reference" (kv_pool.PagedCache); None picks the fastest here.
+    overlap_steps:       launch step N+1 before reading step N's tokens back (same outputs; off: one step at
+                         a time, the host idle while the device runs and the other way round).
     """
 
     page_size: int = 16
@@ -34,6 +36,7 @@ class EngineConfig:
     min_prefix_len: int | None = None
     cuda_graphs: bool = True
     attention_backend: str | None = None
+    overlap_steps: bool = True
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):

@@ -4,7 +4,7 @@ A decode-only step (one query token per sequence) with n sequences runs on stati
 captured size b >= n (1, 2, 4, ..., max_size). Rows n..b-1 are padding: token 0 at position 0, writing
 its KV to a scratch page no sequence owns, attending only to itself, logits discarded. Before each replay
 the step's tensors are copied into the buffers and the Triton attention's static work plan is refilled
-(`plan_paged_attention(..., buffers=...)`: one host sync, device copies). Graphs need the Triton backend
+from the step's host arrays (`plan_attention(..., buffers=...)`: no host sync, one non-blocking copy). Graphs need the Triton backend
 (the SDPA fallback sizes its tensors from host values); `capture=False` runs the same static-buffer path
 eagerly, which is how the padding logic is tested on CPU.
 
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
+from ..kernels.attention_plan import plan_attention
 from ..kernels.paged import PagedAttentionMetadata
-from .kv_pool import PagedCache, Step, plan_paged_attention
+from .kv_pool import PagedCache, Step
 from .paged_sdpa import StepShape
 
 from ..kernels import allocate_plan
@@ -79,8 +81,9 @@ class DecodeGraphs:
                 and step.meta.prefix_pages.shape[1] <= self.table_width
                 and step.meta.prefix_pages.shape[0] <= self.sizes[-1])
 
-    def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: Step) -> torch.Tensor | None:
-        """Logits (n, V) of a decode-only step, or None when this step must run eagerly."""
+    def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: Step, host) -> torch.Tensor | None:
+        """Logits (n, V) of a decode-only step, or None when this step must run eagerly. `host`: the step's
+        host arrays (runner.HostStep), from which the static attention plan is refilled without a sync."""
         n = input_ids.shape[1]
         b = next(s for s in self.sizes if s >= n)
         meta = step.meta
@@ -101,8 +104,11 @@ class DecodeGraphs:
                               step.shape.prefix_lens + (0,) * pad)
         static = self._step(b, shape)
         if self.plan is not None:
+            pad = b - n
             try:
-                plan_paged_attention(static.meta, *self.cache.num_heads, buffers=self.plan)
+                plan_attention(np.arange(b + 1), np.concatenate([host.own_lens, np.ones(pad, dtype=np.int64)]),
+                               np.concatenate([host.seq_group, np.full(pad, -1, dtype=np.int64)]), host.prefix_lens,
+                               *self.cache.num_heads, self.model.device, buffers=self.plan)
             except ValueError:
                 return None
         if not self.capture:

@@ -5,6 +5,8 @@
 
 Flow: prompts -> groups (shared prefixes, clustering.py) -> Scheduler (admission, token batching, pages)
 -> ModelRunner (packed forward through the "batchllm" attention and the PagedCache) -> sampling.
+The host schedules and launches step N+1 before it reads step N's tokens back (scheduler.py), so on a GPU
+its per-step work overlaps the device's.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .decode_graphs import DecodeGraphs
 from .grouping import build_groups
 from .kv_pool import PagedCache, pool_pages
 from .runner import ModelRunner
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample_tensor
 from .scheduler import Scheduler, Sequence
 
 
@@ -44,9 +46,10 @@ class EngineStats:
     steps: int = 0
     preemptions: int = 0
     num_pages: int = 0
-    # host-side wall time per phase; on a GPU "forward" is mostly launch time and the wait for the device
-    # shows up in "sample" (its .tolist() is the step's only sync besides the attention plan)
-    seconds: dict = field(default_factory=lambda: {"schedule": 0.0, "forward": 0.0, "sample": 0.0, "total": 0.0})
+    # host-side wall time per phase: schedule, launch (packing + the forward's launches), sample (sampling
+    # launches + bookkeeping), wait (for a step's tokens: the only sync; the device's time shows up here)
+    seconds: dict = field(default_factory=lambda: {"schedule": 0.0, "launch": 0.0, "sample": 0.0, "wait": 0.0,
+                                                   "total": 0.0})
     # (seconds since start, prefix pages, own pages, tokens in step) after each step
     kv_timeline: list = field(default_factory=list)
 
@@ -128,34 +131,62 @@ class Engine:
         previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         start = time.perf_counter()
+        # Overlap: step N+1 is scheduled and launched before step N's tokens are read back, so the host's
+        # work hides behind the device's (scheduler.py: advance / complete). A repetition penalty needs
+        # every token on the host before the next step, so it runs one step at a time.
+        overlap = cfg.overlap_steps and params.repetition_penalty == 1.0
+        inflight = None  # (records, host tokens, event) of the last launched step
+        previous_tokens = None  # its sampled tokens on the device
+
+        def complete(flight):
+            records, host_tokens, event = flight
+            t = time.perf_counter()
+            if event is not None:
+                event.synchronize()
+            tokens = host_tokens.tolist()
+            stats.seconds["wait"] += time.perf_counter() - t
+            for seq in scheduler.complete(records, tokens):
+                outputs[seq.index] = RequestOutput(list(seq.output), seq.finish_reason)
+                stats.output_tokens += len(seq.output)
+                if on_finish is not None:
+                    on_finish(seq.index, outputs[seq.index])
+
         try:
             while not scheduler.done:
                 t0 = time.perf_counter()
                 chunks = scheduler.schedule()
                 if not chunks:
+                    if inflight is not None:  # what is left waits on the last step's tokens
+                        complete(inflight)
+                        inflight = None
+                        stats.kv_timeline.append((time.perf_counter() - start, *scheduler.pages_in_use(), 0))
+                        continue
                     raise RuntimeError("The scheduler found nothing to run: the KV pool is too small for the admitted "
                                        "groups; give the engine more KV memory (EngineConfig.num_pages).")
                 t1 = time.perf_counter()
-                logits = runner.run(chunks)
+                logits = runner.run(chunks, previous_tokens)
                 t2 = time.perf_counter()
                 picked = [c.seq for c in chunks if c.sample]
-                tokens = sample(
+                tokens = sample_tensor(
                     logits, params, seeds=[seed_of[s.index] for s in picked], keys=[s.index % n for s in picked],
                     positions=[len(s.prompt) + len(s.output) for s in picked],
                     num_generated=[len(s.output) for s in picked],
                     histories=[s.prompt + s.output for s in picked] if params.repetition_penalty != 1.0 else None,
-                ) if picked else []
-                t3 = time.perf_counter()
+                ) if picked else torch.zeros(0, dtype=torch.long, device=logits.device)
                 stats.physical_prompt_tokens += sum(c.length for c in chunks if not (c.sample and c.length == 1
                                                                                      and c.seq.output))
-                for seq in scheduler.update(chunks, tokens):
-                    outputs[seq.index] = RequestOutput(list(seq.output), seq.finish_reason)
-                    stats.output_tokens += len(seq.output)
-                    if on_finish is not None:
-                        on_finish(seq.index, outputs[seq.index])
+                records = scheduler.advance(chunks)
+                flight = (records, *_to_host(tokens))
+                t3 = time.perf_counter()
+                if inflight is not None:
+                    complete(inflight)
+                inflight, previous_tokens = flight, tokens
+                if not overlap:
+                    complete(inflight)
+                    inflight = None
                 stats.steps += 1
                 stats.seconds["schedule"] += t1 - t0
-                stats.seconds["forward"] += t2 - t1
+                stats.seconds["launch"] += t2 - t1
                 stats.seconds["sample"] += t3 - t2
                 stats.kv_timeline.append((time.perf_counter() - start, *scheduler.pages_in_use(),
                                           sum(c.length for c in chunks)))
@@ -164,6 +195,17 @@ class Engine:
             stats.seconds["total"] = time.perf_counter() - start
             stats.preemptions = scheduler.num_preemptions
         return outputs
+
+
+def _to_host(tokens: torch.Tensor):
+    """Start copying a step's sampled tokens to the host: (host tensor, event to wait on or None)."""
+    if tokens.device.type != "cuda":
+        return tokens, None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def _per_request(values, count: int, default, name: str) -> list:

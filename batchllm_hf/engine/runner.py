@@ -8,31 +8,63 @@ kernels/paged.py. Logits are computed only at the last token of chunks that samp
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..cache import cache_argument_name
 from ..kernels.paged import PagedAttentionMetadata
-from .kv_pool import PagedCache, Step, plan_paged_attention
+from ..kernels.attention_plan import plan_attention
+from .kv_pool import PagedCache, Step
 from .paged_sdpa import StepShape
-from .scheduler import Chunk, Group
+from .scheduler import PENDING, Chunk, Group
 
 
-def build_step(chunks: list[Chunk], page_size: int, device: torch.device, shared_prefix: bool):
-    """Returns (input_ids (1, T), position_ids (1, T), Step, sample_index (N,))."""
-    token_ids, positions, slots, sample_index = [], [], [], []
+@dataclass
+class HostStep:
+    """One step's packed inputs and paged metadata as host arrays (see the module docstring)."""
+
+    token_ids: np.ndarray      # (T,) int64; PENDING where the token is still on the device
+    positions: np.ndarray      # (T,) int64
+    slots: np.ndarray          # (T,) int64
+    sample_index: np.ndarray   # (N,) int64
+    q_starts: np.ndarray       # (S + 1,) int64
+    own_lens: np.ndarray       # (S,) int64
+    seq_group: np.ndarray      # (S,) int64
+    own_pages: np.ndarray      # (S, W) int32
+    prefix_pages: np.ndarray   # (G, W') int32
+    prefix_lens: np.ndarray    # (G,) int64
+    pending_at: np.ndarray     # (P,) int64: packed positions whose token the previous step sampled
+    pending_from: np.ndarray   # (P,) int64: ... at this index of that step's sampled tokens
+    shape: StepShape
+
+
+def _table(tables: list[list[int]]) -> np.ndarray:
+    width = max(1, max((len(t) for t in tables), default=1))
+    out = np.zeros((max(1, len(tables)), width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, :len(t)] = t
+    return out
+
+
+def build_host_step(chunks: list[Chunk], page_size: int, shared_prefix: bool) -> HostStep:
+    """Packs a scheduled step on the host. Decode chunks (one token) take a scalar path, prefill chunks
+    numpy ranges, so neither a long chunk nor many short ones cost a Python loop per token."""
+    token_ids: list[int] = []
+    pieces_pos, pieces_slot, run_pos, run_slot = [], [], [], []
+    sample_index, pending_at, pending_from = [], [], []
     q_starts, own_lens, own_tables, seq_group, shape_prefix = [0], [], [], [], []
     group_slot: dict[int, int] = {}
     prefix_tables, prefix_lens = [], []
     for chunk in chunks:
         seq, lo, hi = chunk.seq, chunk.start, chunk.start + chunk.length
         if isinstance(seq, Group):
-            tokens, offset, pages, table, group = seq.prefix[lo:hi], 0, seq.pages, seq.pages, -1
-            position_base = 0
+            tokens, pages, table, group, offset, base = seq.prefix[lo:hi], seq.pages, seq.pages, -1, 0, 0
         else:
             prefix = seq.group.prefix
-            position_base = len(prefix)
-            tokens, pages = seq.own_tokens[lo:hi], seq.pages
+            base = len(prefix)
+            tokens, pages = seq.own_slice(lo, hi), seq.pages
             if prefix and shared_prefix:
                 group = group_slot.setdefault(id(seq.group), len(group_slot))
                 if group == len(prefix_tables):
@@ -42,10 +74,21 @@ def build_step(chunks: list[Chunk], page_size: int, device: torch.device, shared
             else:
                 # prefix page-aligned: the member reads prefix pages + own pages as one sequence
                 group, offset, table = -1, len(prefix), seq.group.pages + pages
+            if tokens and tokens[-1] == PENDING:  # only a sequence's newest token can still be pending
+                pending_at.append(q_starts[-1] + len(tokens) - 1)
+                pending_from.append(seq.pending_index)
         token_ids += tokens
-        for p in range(lo, hi):
-            positions.append(position_base + p)
-            slots.append(pages[p // page_size] * page_size + p % page_size)
+        if hi - lo == 1:
+            run_pos.append(base + lo)
+            run_slot.append(pages[lo // page_size] * page_size + lo % page_size)
+        else:
+            if run_pos:
+                pieces_pos.append(np.array(run_pos, dtype=np.int64))
+                pieces_slot.append(np.array(run_slot, dtype=np.int64))
+                run_pos, run_slot = [], []
+            p = np.arange(lo, hi, dtype=np.int64)
+            pieces_pos.append(p + base)
+            pieces_slot.append(np.asarray(pages, dtype=np.int64)[p // page_size] * page_size + p % page_size)
         own_lens.append(offset + hi)
         own_tables.append(table)
         seq_group.append(group)
@@ -53,25 +96,55 @@ def build_step(chunks: list[Chunk], page_size: int, device: torch.device, shared
         q_starts.append(q_starts[-1] + len(tokens))
         if chunk.sample:
             sample_index.append(q_starts[-1] - 1)
+    if run_pos:
+        pieces_pos.append(np.array(run_pos, dtype=np.int64))
+        pieces_slot.append(np.array(run_slot, dtype=np.int64))
 
-    def table_tensor(tables):
-        width = max(1, max((len(t) for t in tables), default=1))
-        rows = [t + [0] * (width - len(t)) for t in tables] or [[0]]
-        return torch.tensor(rows, dtype=torch.int32, device=device)
+    def i64(values):
+        return np.array(values, dtype=np.int64)
 
-    def int32(values):
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
-    meta = PagedAttentionMetadata(
-        q_starts=int32(q_starts), own_lens=int32(own_lens), own_pages=table_tensor(own_tables),
-        seq_group=int32(seq_group), prefix_pages=table_tensor(prefix_tables),
-        prefix_lens=int32(prefix_lens or [0]), page_size=page_size,
+    q_starts_a = i64(q_starts)
+    return HostStep(
+        token_ids=i64(token_ids), positions=np.concatenate(pieces_pos), slots=np.concatenate(pieces_slot),
+        sample_index=i64(sample_index), q_starts=q_starts_a, own_lens=i64(own_lens), seq_group=i64(seq_group),
+        own_pages=_table(own_tables), prefix_pages=_table(prefix_tables), prefix_lens=i64(prefix_lens or [0]),
+        pending_at=i64(pending_at), pending_from=i64(pending_from),
+        shape=StepShape(tuple(np.diff(q_starts_a).tolist()), tuple(own_lens), tuple(shape_prefix)),
     )
-    shape = StepShape(tuple(b - a for a, b in zip(q_starts, q_starts[1:])), tuple(own_lens), tuple(shape_prefix))
-    step = Step(torch.tensor(slots, dtype=torch.int64, device=device), meta, shape)
-    input_ids = torch.tensor([token_ids], dtype=torch.long, device=device)
-    position_ids = torch.tensor([positions], dtype=torch.long, device=device)
-    return input_ids, position_ids, step, torch.tensor(sample_index, dtype=torch.long, device=device)
+
+
+def to_device(host: HostStep, page_size: int, device: torch.device, previous_tokens: torch.Tensor | None):
+    """Host step -> (input_ids (1, T), position_ids (1, T), Step, sample_index (N,)) on `device`, in two
+    host-to-device copies from pinned memory that do not wait for the device. Pending tokens are gathered
+    from `previous_tokens` (the last launched step's sampled tokens, still on the device)."""
+    longs = [host.token_ids, host.positions, host.slots, host.sample_index, host.pending_at, host.pending_from]
+    ints = [host.q_starts, host.own_lens, host.seq_group, host.prefix_lens, host.own_pages.ravel(),
+            host.prefix_pages.ravel()]
+    long_dev = _upload(np.concatenate(longs), device)
+    int_dev = _upload(np.concatenate(ints).astype(np.int32), device)
+    ids, positions, slots, sample_index, pending_at, pending_from = long_dev.split([a.shape[0] for a in longs])
+    q_starts, own_lens, seq_group, prefix_lens, own_pages, prefix_pages = int_dev.split([a.shape[0] for a in ints])
+    if host.pending_at.shape[0]:
+        if previous_tokens is None:
+            raise RuntimeError("a step reads pending tokens but no previous step's tokens were given")
+        ids = ids.index_copy(0, pending_at, previous_tokens[pending_from])
+    meta = PagedAttentionMetadata(
+        q_starts=q_starts, own_lens=own_lens, own_pages=own_pages.view(host.own_pages.shape), seq_group=seq_group,
+        prefix_pages=prefix_pages.view(host.prefix_pages.shape), prefix_lens=prefix_lens, page_size=page_size,
+    )
+    return ids[None], positions[None], Step(slots, meta, host.shape), sample_index
+
+
+def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def build_step(chunks: list[Chunk], page_size: int, device: torch.device, shared_prefix: bool):
+    """Returns (input_ids (1, T), position_ids (1, T), Step, sample_index (N,)); no token may be pending."""
+    return to_device(build_host_step(chunks, page_size, shared_prefix), page_size, device, None)
 
 
 class ModelRunner:
@@ -92,17 +165,21 @@ class ModelRunner:
         return logits if self.keeps_logits else logits[sample_index]
 
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """One step over the packed tokens; returns fp32 logits (N, V) at the sampled positions."""
-        input_ids, position_ids, step, sample_index = build_step(chunks, self.cache.page_size, self.model.device,
-                                                                  self.shared_prefix)
+    def run(self, chunks: list[Chunk], previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """One step over the packed tokens; returns fp32 logits (N, V) at the sampled positions, without
+        waiting for the device. `previous_tokens`: the last launched step's sampled tokens (device), which
+        this step reads where its tokens are still PENDING."""
+        host = build_host_step(chunks, self.cache.page_size, self.shared_prefix)
+        input_ids, position_ids, step, sample_index = to_device(host, self.cache.page_size, self.model.device,
+                                                                previous_tokens)
         graphs = self.decode_graphs
         if graphs is not None and all(c.length == 1 and c.sample for c in chunks) and graphs.fits(len(chunks), step):
-            logits = graphs.run(input_ids, position_ids, step)
+            logits = graphs.run(input_ids, position_ids, step, host)
             if logits is not None:
                 return logits.float()
         if self.cache.backend == "triton":
-            step.plan = plan_paged_attention(step.meta, *self.cache.num_heads)
+            step.plan = plan_attention(host.q_starts, host.own_lens, host.seq_group, host.prefix_lens,
+                                       *self.cache.num_heads, self.model.device)
         self.cache.step = step
         try:
             return self.forward(input_ids, position_ids, sample_index).float()

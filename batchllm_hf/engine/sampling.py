@@ -9,6 +9,7 @@ ran in, nor on the order requests were given.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -87,25 +88,43 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | N
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, *, seeds: list[int], keys: list[int], positions: list[int],
-           num_generated: list[int], histories: list[list[int]] | None) -> list[int]:
-    """logits (N, V) fp32 -> one token id per row. `histories` (prompt + output per row) only if penalized."""
+@functools.lru_cache(maxsize=8)
+def _ban_mask(banned: tuple[int, ...], vocab_size: int, device: torch.device) -> torch.Tensor:
+    ban = torch.zeros(vocab_size, dtype=torch.bool)
+    ban[[b for b in banned if b < vocab_size]] = True
+    return ban.to(device)
+
+
+def _device_tensor(values, device: torch.device, dtype=torch.int64) -> torch.Tensor:
+    """A host list on `device` without waiting for the device (pinned, non-blocking copy on CUDA)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def sample_tensor(logits: torch.Tensor, params: SamplingParams, *, seeds: list[int], keys: list[int],
+                  positions: list[int], num_generated: list[int],
+                  histories: list[list[int]] | None) -> torch.Tensor:
+    """logits (N, V) fp32 -> (N,) int64 token ids on logits' device, without waiting for the device
+    (except with a repetition penalty). `histories` (prompt + output per row) only if penalized."""
+    device = logits.device
     if params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, histories, params.repetition_penalty)
     banned = sorted(params.eos_ids | params.stop_ids)
-    if params.min_new_tokens and banned:
-        early = torch.tensor([n < params.min_new_tokens for n in num_generated], device=logits.device)
-        ban = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        ban[[b for b in banned if b < logits.shape[-1]]] = True
+    if params.min_new_tokens and banned and any(n < params.min_new_tokens for n in num_generated):
+        early = _device_tensor([n < params.min_new_tokens for n in num_generated], device, torch.bool)
+        ban = _ban_mask(tuple(banned), logits.shape[-1], device)
         logits = logits.masked_fill(early[:, None] & ban[None, :], float("-inf"))
     if not params.do_sample:
-        return logits.argmax(dim=-1).tolist()
+        return logits.argmax(dim=-1)
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    device = logits.device
-
-    def as_tensor(values):
-        return torch.tensor(values, dtype=torch.int64, device=device)
-
-    u = uniform_noise(as_tensor(seeds), as_tensor(keys), as_tensor(positions), logits.shape[-1])
+    u = uniform_noise(_device_tensor(seeds, device), _device_tensor(keys, device), _device_tensor(positions, device),
+                      logits.shape[-1])
     gumbel = -torch.log(-torch.log(u))
-    return (logits.double() + gumbel).argmax(dim=-1).tolist()
+    return (logits.double() + gumbel).argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, **kwargs) -> list[int]:
+    """`sample_tensor` as a list of token ids (waits for the device)."""
+    return sample_tensor(logits, params, **kwargs).tolist()

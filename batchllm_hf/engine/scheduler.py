@@ -13,12 +13,22 @@ finishes. Policies (BatchLLM, arXiv 2412.03594, sec. 4):
 - pages are allocated as KV grows; if a sequence outgrows its reservation and no page is free, the most
   recently admitted member is preempted: its own pages are freed and it is recomputed later (prompt +
   tokens generated so far), its group's prefix stays.
+
+A step's result is recorded in two halves so the engine can schedule step N+1 while step N still runs on
+the device: `advance(chunks)` when step N is launched (KV counted as computed; each sampled token enters
+the output as the placeholder PENDING, which the next step reads from the device), and
+`complete(records, tokens)` once its tokens reach the host (placeholders filled, finished sequences
+retired; a sequence that finished at step N but was already scheduled in step N+1 has that extra result
+dropped). A sequence whose pending token is its last by length is `closing` and is not scheduled again.
+`update` is both halves at once.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+
+PENDING = -1  # an output token sampled by a step still running on the device
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:
@@ -59,6 +69,8 @@ class Sequence:
     num_computed: int = 0
     running: bool = False
     finish_reason: str | None = None
+    closing: bool = False  # its pending token is its last (max_new_tokens): not scheduled again
+    pending_index: int = -1  # where its PENDING token sits among the last launched step's sampled tokens
 
     @property
     def prefix_len(self) -> int:
@@ -71,6 +83,16 @@ class Sequence:
     @property
     def num_own_tokens(self) -> int:
         return len(self.prompt) - self.prefix_len + len(self.output)
+
+    def own_slice(self, lo: int, hi: int) -> list[int]:
+        """own_tokens[lo:hi] without building the whole list."""
+        start = len(self.group.prefix)
+        prompt_own = len(self.prompt) - start
+        if hi <= prompt_own:
+            return self.prompt[start + lo:start + hi]
+        if lo >= prompt_own:
+            return self.output[lo - prompt_own:hi - prompt_own]
+        return self.prompt[start + lo:] + self.output[:hi - prompt_own]
 
 
 @dataclass(eq=False)
@@ -211,7 +233,8 @@ class Scheduler:
         budget = self.max_batch_tokens
         decodes = []
         for seq in list(self.running):
-            if seq.running and seq.output and seq.num_computed == seq.num_own_tokens - 1 and budget > 0:
+            if (seq.running and seq.output and not seq.closing and seq.num_computed == seq.num_own_tokens - 1
+                    and budget > 0):
                 if self._grow(seq, seq.num_own_tokens):
                     decodes.append(seq)
                     budget -= 1
@@ -254,39 +277,60 @@ class Scheduler:
     def update(self, chunks: list[Chunk], sampled: list[int]) -> list[Sequence]:
         """Record a finished step: `sampled` holds one token per chunk with `sample`, in chunk order.
         Returns the sequences that finished."""
-        finished = []
-        tokens = iter(sampled)
+        return self.complete(self.advance(chunks), sampled)
+
+    def advance(self, chunks: list[Chunk]) -> list[tuple[Sequence, int]]:
+        """A step was launched: its KV counts as computed and each sampled token enters its sequence's
+        output as PENDING. Returns (sequence, output index) per sampled token, in chunk order."""
+        records = []
         for chunk in chunks:
-            chunk.seq.num_computed = chunk.start + chunk.length
-            if isinstance(chunk.seq, Group):
-                if chunk.seq.prefix_done:
-                    self.prefilling.remove(chunk.seq)
+            seq = chunk.seq
+            seq.num_computed = chunk.start + chunk.length
+            if isinstance(seq, Group):
+                if seq.prefix_done:
+                    self.prefilling.remove(seq)
                 continue
-            if not chunk.sample:
+            if chunk.sample:
+                seq.pending_index = len(records)
+                records.append((seq, len(seq.output)))
+                seq.output.append(PENDING)
+                seq.closing = len(seq.output) >= seq.max_new_tokens
+        return records
+
+    def complete(self, records: list[tuple[Sequence, int]], sampled: list[int]) -> list[Sequence]:
+        """The tokens of an advanced step arrived: fill them in and retire finished sequences (returned)."""
+        finished = []
+        for (seq, index), token in zip(records, sampled, strict=True):
+            if seq.finish_reason is not None:  # finished at an earlier step; this result was speculative
                 continue
-            seq, token = chunk.seq, next(tokens)
-            seq.output.append(token)
-            reason = self._finish_reason(seq, token)
+            seq.output[index] = token
+            reason = self._finish_reason(seq, token, index + 1)
             if reason is not None:
+                del seq.output[index + 1:]
                 self._finish(seq, reason)
                 finished.append(seq)
         return finished
 
     @staticmethod
-    def _finish_reason(seq: Sequence, token: int) -> str | None:
+    def _finish_reason(seq: Sequence, token: int, num_generated: int) -> str | None:
         # min_new_tokens is enforced by the sampler (eos and stop ids masked until then).
         if token in seq.eos_ids:
             return "eos"
         if token in seq.stop_ids:
             return "stop"
-        if len(seq.output) >= seq.max_new_tokens:
+        if num_generated >= seq.max_new_tokens:
             return "length"
         return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
+        if seq.running:
+            self.running.remove(seq)
+        else:  # preempted while its last token was pending: it waits in its open group no more
+            group = seq.group
+            if group in self.open and not any(not s.running and s.finish_reason is None for s in group.members):
+                self.open.remove(group)
         seq.running = False
-        self.running.remove(seq)
         self.allocator.free(seq.pages)
         seq.pages = []
         self.num_unfinished -= 1

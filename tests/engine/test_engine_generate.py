@@ -149,15 +149,18 @@ def test_attention_mask_is_not_materialized():
     assert torch.is_grad_enabled()
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_decode_graph_static_buffers_match(shared):
-    """The CUDA-graph path's static buffers and padding rows, run eagerly (CPU has no graphs)."""
+@pytest.mark.parametrize("shared,backend", [(True, None), (False, None), (True, "triton")])
+def test_decode_graph_static_buffers_match(shared, backend):
+    """The CUDA-graph path's static buffers and padding rows, run eagerly (CPU has no graphs). With the
+    "triton" backend the static work plan is refilled from host arrays each step (on CPU the attention
+    itself then runs the torch reference on the uninitialised pool, so a read past a length would show)."""
     from batchllm_hf.engine.decode_graphs import DecodeGraphs
 
     model = tiny_model("llama", num_kv_heads=2, ratio=2)
     prompts = prompt_set(seed=13)
     max_new = [2 + i % 7 for i in range(len(prompts))]
-    engine = Engine(model, EngineConfig(page_size=4, max_batch_tokens=16, num_pages=256, use_shared_prefix=shared))
+    engine = Engine(model, EngineConfig(page_size=4, max_batch_tokens=16, num_pages=256, use_shared_prefix=shared,
+                                        attention_backend=backend))
     graphs = DecodeGraphs(model, engine._kv_cache(), None, max_size=8, table_width=64, capture=False)
     engine.decode_graphs = graphs
     calls = []
@@ -166,3 +169,49 @@ def test_decode_graph_static_buffers_match(shared):
     outputs = engine.generate(prompts, greedy(8), max_new_tokens_per_request=max_new)
     assert [o.token_ids for o in outputs] == reference(model, prompts, max_new)
     assert calls and set(calls) - {1, 2, 4, 8}  # padded sizes were used (n below a captured size)
+
+
+def sampled(max_new_tokens, **kwargs):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_p=0.9, top_k=20,
+                            pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["eos", "preempt", "sampling", "n_samples"])
+def test_overlapped_steps_match_one_step_at_a_time(case):
+    """Launching step N+1 before step N's tokens are read back changes nothing: same tokens, finish reasons
+    and page accounting, including sequences that finish by eos while a speculative step holds them and
+    members preempted while their last token was still pending."""
+    model = tiny_model("llama", num_kv_heads=1, ratio=2)
+    prompts = prompt_set(seed=21)
+    plain = reference(model, prompts, [10] * len(prompts))
+    config = dict(page_size=8, num_pages=128)
+    kwargs = {}
+    if case == "eos":
+        gen = greedy(10, eos_token_id=[plain[0][2], plain[3][1], EOS])
+        kwargs["max_new_tokens_per_request"] = [3 + i % 8 for i in range(len(prompts))]
+    elif case == "preempt":
+        gen, config = greedy(12, eos_token_id=[plain[2][4], EOS]), dict(page_size=4, max_batch_tokens=16, num_pages=24)
+        kwargs["expected_new_tokens"] = [1] * len(prompts)
+    elif case == "sampling":
+        gen = sampled(9, eos_token_id=EOS)
+        kwargs["seeds"] = list(range(len(prompts)))
+    else:
+        gen = sampled(7, eos_token_id=EOS, num_return_sequences=2)
+    runs = []
+    for overlap in (False, True):
+        engine = Engine(model, EngineConfig(overlap_steps=overlap, **config))
+        outputs = engine.generate(prompts, gen, **kwargs)
+        runs.append((outputs, engine.stats))
+    (one, one_stats), (over, over_stats) = runs
+    assert over == one
+    assert over_stats.output_tokens == one_stats.output_tokens == sum(len(o.token_ids) for o in one)
+    assert over_stats.kv_timeline[-1][1:3] == (0, 0)
+    if case == "eos":
+        assert {o.finish_reason for o in one} == {"eos", "length"}
+        assert one[0].token_ids == plain[0][:3] and one[0].finish_reason == "eos"
+    if case == "preempt":
+        assert over_stats.preemptions > 0
+        assert [o.token_ids for o in over] == reference(model, prompts, [12] * len(prompts),
+                                                        eos_token_id=[plain[2][4], EOS])

@@ -156,3 +156,44 @@ def test_stop_reasons():
     chunks = s.schedule()
     s.update(chunks, [8])
     assert seq.finish_reason == "stop" and seq.output == [8] and s.done
+
+
+def test_own_slice_is_a_slice_of_own_tokens():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        group = make_group(rng.randint(0, 9), [rng.randint(0, 6)], 5, 0)
+        seq = group.members[0]
+        seq.output = [rng.randint(0, 50) for _ in range(rng.randint(0, 5))]
+        own = seq.own_tokens
+        lo = rng.randint(0, len(own))
+        hi = rng.randint(lo, len(own))
+        assert seq.own_slice(lo, hi) == own[lo:hi]
+
+
+def test_advance_then_complete_drops_results_of_a_finished_sequence():
+    """Step N+1 is scheduled before step N's tokens are known: a sequence that finished at step N (eos)
+    gets a speculative slot in N+1, whose result is dropped; one that reached max_new_tokens is closing
+    and is not scheduled again."""
+    group = make_group(8, [3, 4], new_tokens=3, start_index=0)
+    group.members[0].eos_ids = frozenset([9])
+    s = Scheduler(num_pages=64, page_size=4, max_batch_tokens=64)
+    s.add_group(group)
+    first = s.schedule()
+    records_1 = s.advance(first)
+    assert [seq.output for seq, _ in records_1] == [[-1], [-1]]
+    second = s.schedule()  # both decode their pending token
+    assert [c.seq.index for c in second] == [0, 1]
+    records_2 = s.advance(second)
+    assert s.complete(records_1, [9, 7]) == [group.members[0]]  # member 0 hit eos at step 1
+    assert group.members[0].output == [9] and group.members[0].pages == []
+    third = s.schedule()
+    assert [c.seq.index for c in third] == [1]
+    records_3 = s.advance(third)
+    assert group.members[1].closing  # its third token is pending: not scheduled again
+    assert s.complete(records_2, [5, 7]) == []  # member 0's speculative token is dropped
+    assert group.members[0].output == [9]
+    assert s.schedule() == []
+    assert s.complete(records_3, [8]) == [group.members[1]]
+    assert group.members[1].output == [7, 7, 8] and s.done and s.pages_in_use() == (0, 0)

@@ -1,0 +1,161 @@
+"""Where the engine's time goes on one workload (GPU diagnostics, not a test, not the benchmark of record).
+
+    python benchmarks/profile_engine.py --workloads W-1B,W-8B [--out DIR]
+
+Per workload: a warm-up run, then (1) a timed run split into engine construction and the step loop, with
+every step synchronized and classed as decode-only or mixed, and (2) a cProfile of one more run (top
+functions by own time written to DIR/profile_<workload>.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from batchllm_hf.bench import _free, _generation_config
+from batchllm_hf.bench_workloads import WORKLOADS, build_model, make_prompts
+from batchllm_hf.engine import Engine, EngineConfig
+from batchllm_hf.engine import runner as runner_module
+
+
+def timed_steps(model, prompts, new_tokens, config):
+    """Runs the engine with a synchronize after every step; returns (construction s, loop s, per-kind stats)."""
+    original = runner_module.ModelRunner.run
+    steps = {"decode": [], "mixed": []}
+
+    def run(self, chunks, *args):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = original(self, chunks, *args)
+        torch.cuda.synchronize()
+        kind = "decode" if all(c.length == 1 and c.sample for c in chunks) else "mixed"
+        steps[kind].append((time.perf_counter() - t, len(chunks), sum(c.length for c in chunks)))
+        return out
+
+    runner_module.ModelRunner.run = run
+    try:
+        t0 = time.perf_counter()
+        engine = Engine(model, config)
+        engine._kv_cache()
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        engine.generate(prompts, _generation_config(new_tokens))
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+    finally:
+        runner_module.ModelRunner.run = original
+    return t1 - t0, t2 - t1, steps, dict(engine.stats.seconds)
+
+
+def kernel_profile(model, prompts, new_tokens, config, first=20, count=5):
+    """GPU kernel time by kernel name over decode steps first..first+count (eager, so every launch is seen)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    original = runner_module.ModelRunner.run
+    state = {"decode": 0, "prof": None}
+
+    def run(self, chunks, *args):
+        decode = all(c.length == 1 and c.sample for c in chunks)
+        if decode:
+            state["decode"] += 1
+            if state["decode"] == first:
+                torch.cuda.synchronize()
+                state["prof"] = profile(activities=[ProfilerActivity.CUDA])
+                state["prof"].start()
+        out = original(self, chunks, *args)
+        if decode and state["decode"] == first + count - 1:
+            torch.cuda.synchronize()
+            state["prof"].stop()
+        return out
+
+    runner_module.ModelRunner.run = run
+    try:
+        engine = Engine(model, EngineConfig(**{**config.__dict__, "cuda_graphs": False}))
+        engine.generate(prompts, _generation_config(new_tokens))
+    finally:
+        runner_module.ModelRunner.run = original
+    totals = {}
+    for event in state["prof"].events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name[:90]
+            n, t = totals.get(name, (0, 0.0))
+            totals[name] = (n + 1, t + event.device_time)
+    total = sum(t for _, t in totals.values())
+    rows = [f"  GPU time per decode step: {total / count / 1e3:.2f} ms"]
+    for name, (n, t) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:14]:
+        rows.append(f"    {t / count / 1e3:7.3f} ms  {n // count:5d} launches  {name}")
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workloads", default="W-1B")
+    parser.add_argument("--out", default="profile_out")
+    parser.add_argument("--page-size", type=int, default=64)
+    parser.add_argument("--max-batch-tokens", type=int, default=8192)
+    parser.add_argument("--kernels", action="store_true", help="only the per-kernel GPU time of decode steps")
+    args = parser.parse_args()
+    import os
+    os.makedirs(args.out, exist_ok=True)
+    lines = []
+    for name in args.workloads.split(","):
+        w = WORKLOADS[name]
+        prompts, _ = make_prompts(w)
+        model = build_model(w.model, "cuda")
+        config = EngineConfig(page_size=args.page_size, max_batch_tokens=args.max_batch_tokens)
+        engine = Engine(model, config)
+        engine.generate(prompts, _generation_config(w.output))  # warm-up: compile kernels
+        if args.kernels:
+            del engine
+            _free("cuda")
+            lines.append(f"{name}:")
+            lines += kernel_profile(model, prompts, w.output, config)
+            print(*lines, sep="\n", flush=True)
+            del model
+            _free("cuda")
+            continue
+        del engine
+        _free("cuda")
+        t = time.perf_counter()
+        engine = Engine(model, config)
+        engine.generate(prompts, _generation_config(w.output))
+        torch.cuda.synchronize()
+        plain = time.perf_counter() - t
+        print(f"{name}: plain run {plain:.3f} s, phases {({k: round(v, 3) for k, v in engine.stats.seconds.items()})}",
+              flush=True)
+        del engine
+        _free("cuda")
+        build, loop, steps, phases = timed_steps(model, prompts, w.output, config)
+        lines.append(f"{name}: plain run {plain:.3f} s; synced run: construction {build:.3f} s, loop {loop:.3f} s; "
+                     f"phases {({k: round(v, 3) for k, v in phases.items()})}")
+        for kind, items in steps.items():
+            if items:
+                total = sum(s for s, _, _ in items)
+                lines.append(f"  {kind}: {len(items)} steps, {total:.3f} s, mean {1e3 * total / len(items):.2f} ms, "
+                             f"first {[round(1e3 * s, 1) for s, _, _ in items[:4]]} ms, "
+                             f"seqs {[n for _, n, _ in items[:4]]}, tokens {[k for _, _, k in items[:4]]}")
+        _free("cuda")
+        profiler = cProfile.Profile()
+        engine = Engine(model, config)
+        profiler.enable()
+        engine.generate(prompts, _generation_config(w.output))
+        torch.cuda.synchronize()
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+        with open(f"{args.out}/profile_{name}.txt", "w") as f:
+            f.write(text.getvalue())
+        del engine, model
+        _free("cuda")
+        print(*lines[-3:], sep="\n", flush=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,8 @@
 
 Per workload: plain HF generate (sdpa, left-padded batches of 64), HF generate_batch (continuous batching,
 block sharing on and off), this engine, and its ablations (clustering off, shared-prefix kernels off,
-decode-first off, memory budget off = admission capped at 64 running requests, CUDA graphs off). Each run: wall time,
+decode-first off, memory budget off = admission capped at 64 running requests, CUDA graphs off, step overlap
+off; each warmed up with a full untimed run first). Each run: wall time,
 output and total tokens/s, ratio to the roofline lower bound (ceilings measured at the start of the run),
 peak GPU memory. Writes results.json, results.md, results.png (if matplotlib imports) and
 kv_timeline.png (the engine's KV pages over time, prefix vs own). Greedy, eos ignored
@@ -32,6 +33,7 @@ ABLATIONS = {
     "batchllm (decode-first off)": {"decode_first": False},
     "batchllm (memory budget off)": {"max_num_seqs": 64},
     "batchllm (cuda graphs off)": {"cuda_graphs": False},
+    "batchllm (step overlap off)": {"overlap_steps": False},
 }
 
 
@@ -129,11 +131,16 @@ def bench_workload(w, args, ceilings, device, log, all_results):
         args.attention_backend = "sdpa"
         base = EngineConfig(**{**base.__dict__, "attention_backend": "sdpa"})
     runs = {}  # the engine first: its numbers survive a time limit hit during the slow baselines
+    warmups = {}
     for name, change in ABLATIONS.items():
         if name != "batchllm" and args.skip_ablations:
             continue
         config = EngineConfig(**{**base.__dict__, **change})
         runs[name] = (lambda c: lambda: run_engine(model, prompts, w.output, c))(config)
+        if name != "batchllm" and args.warmup == "full":
+            # each ablation compiles its own kernel variants (other tile shapes, eager decode steps): warm it
+            # up too, or its timed run would carry seconds of compilation (seen on the H200)
+            warmups[name] = runs[name]
     if not args.skip_baselines:
         runs["HF generate (sdpa, batch 64)"] = lambda: run_hf_generate(model, prompts, w.output)
         if not args.skip_generate_batch:
@@ -145,6 +152,8 @@ def bench_workload(w, args, ceilings, device, log, all_results):
     all_results.append(results)
     for name, fn in runs.items():
         try:
+            if name in warmups:
+                warmups[name]()
             seconds, out_tokens, peak, extra = _timed(device, fn)
         except Exception as error:  # a failing baseline must not lose the other results
             results["runs"][name] = {"error": f"{type(error).__name__}: {error}"[:500]}

@@ -258,6 +258,8 @@ def main() -> None:
         groups = max(1, args.requests // b)
         run_row(report, bench_decode, groups, b, p, s, r, ceilings, flex=(p, b, s, r) in extras,
                 ref=(p, b, s, r) in extras)
+        with open(args.out, "w") as f:  # after each row: a time limit keeps what ran
+            json.dump(report, f, indent=1)
     for p in (512, 2048, 8192):
         for r in (4, 8):
             run_row(report, bench_prefill, 4, 512, p, r, ceilings)

@@ -41,7 +41,6 @@ def timed_steps(model, prompts, new_tokens, config):
     try:
         t0 = time.perf_counter()
         engine = Engine(model, config)
-        engine._kv_cache()
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         engine.generate(prompts, _generation_config(new_tokens))

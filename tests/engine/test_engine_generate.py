@@ -215,3 +215,20 @@ def test_overlapped_steps_match_one_step_at_a_time(case):
         assert over_stats.preemptions > 0
         assert [o.token_ids for o in over] == reference(model, prompts, [12] * len(prompts),
                                                         eos_token_id=[plain[2][4], EOS])
+
+
+def test_pool_is_capped_by_what_the_job_can_hold():
+    """Without num_pages the pool is sized from memory but never beyond what the job could hold at once
+    (prefix pages + every member's prompt and max_new_tokens); a larger later job gets a larger pool."""
+    model = tiny_model("llama")
+    engine = Engine(model, EngineConfig(page_size=8))
+    small = prompt_set(seed=2, groups=((20, 2),), singles=1)
+    engine.generate(small, greedy(3))
+    first = engine.stats.num_pages
+    assert first < 4096 and first == engine._kv_cache().num_pages
+    prompts = prompt_set(seed=3)
+    outputs = engine.generate(prompts, greedy(5))
+    assert engine.stats.num_pages > first
+    assert [o.token_ids for o in outputs] == reference(model, prompts, [5] * len(prompts))
+    engine.generate(small, greedy(3))
+    assert engine.stats.num_pages > first  # the larger pool is kept

@@ -93,7 +93,8 @@ class Engine:
 
     def _runner(self, cache: PagedCache) -> ModelRunner:
         runner = ModelRunner(self.model, cache, shared_prefix=self.config.use_shared_prefix)
-        if self.decode_graphs is None and self.config.cuda_graphs and cache.backend == "triton":
+        if (self.decode_graphs is None and self.config.cuda_graphs and cache.backend == "triton"
+                and self.model.device.type == "cuda"):
             max_size = min(256, self.config.max_batch_tokens)
             width = min(cache.num_pages, self.model.config.get_text_config().max_position_embeddings
                         // cache.page_size + 1)

@@ -232,3 +232,66 @@ def test_pool_is_capped_by_what_the_job_can_hold():
     assert [o.token_ids for o in outputs] == reference(model, prompts, [5] * len(prompts))
     engine.generate(small, greedy(3))
     assert engine.stats.num_pages > first  # the larger pool is kept
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_step_reads_nothing_back_from_the_device(monkeypatch, static):
+    """Packing, planning, the forward and sampling of a step call none of the tensor -> host conversions
+    (each is a device sync on a GPU, which would stall the overlap of host and device work); only the
+    engine's one read of the previous step's tokens does. Checked on CPU by making them raise, except
+    inside the attention math itself (on CPU the torch reference; on CUDA the Triton launcher)."""
+    from batchllm_hf.engine import engine as engine_module
+    from batchllm_hf.engine import kv_pool
+    from batchllm_hf.engine import runner as runner_module
+
+    model = tiny_model("llama")
+    prompts = prompt_set(seed=17)
+    expected = reference(model, prompts, [4] * len(prompts))
+    state = {"inside": False}
+
+    def guard(name):
+        original = getattr(torch.Tensor, name)
+
+        def checked(self, *args, **kwargs):
+            if state["inside"]:
+                raise AssertionError(f"Tensor.{name} inside a step")
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, checked)
+
+    for name in ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__index__"):
+        guard(name)
+
+    def inside(fn):
+        def wrapped(*args, **kwargs):
+            state["inside"] = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                state["inside"] = False
+        return wrapped
+
+    def outside(fn):  # the attention math: on CPU the torch reference (which reads lengths back), on CUDA
+        def wrapped(*args, **kwargs):  # the Triton launcher
+            saved, state["inside"] = state["inside"], False
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                state["inside"] = saved
+        return wrapped
+
+    monkeypatch.setattr(kv_pool, "paged_attention_reference", outside(kv_pool.paged_attention_reference))
+    monkeypatch.setattr(kv_pool, "paged_attention", outside(kv_pool.paged_attention))
+    monkeypatch.setattr(runner_module.ModelRunner, "run", inside(runner_module.ModelRunner.run))
+    monkeypatch.setattr(engine_module, "sample_tensor", inside(engine_module.sample_tensor))
+    engine = Engine(model, EngineConfig(page_size=8, num_pages=128, attention_backend="triton"))
+    if static:  # decode steps through the CUDA-graph path's static buffers and static plan, run eagerly
+        from batchllm_hf.engine.decode_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(model, engine._kv_cache(), None, max_size=16, table_width=16, capture=False)
+        engine.decode_graphs = graphs
+        calls = []
+        original_run = graphs.run
+        graphs.run = lambda *a: calls.append(1) or original_run(*a)
+    outputs = engine.generate(prompts, greedy(4))
+    assert [o.token_ids for o in outputs] == expected
+    assert not static or len(calls) >= 3

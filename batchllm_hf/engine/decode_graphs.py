@@ -4,9 +4,9 @@ A decode-only step (one query token per sequence) with n sequences runs on stati
 captured size b >= n (1, 2, 4, ..., max_size). Rows n..b-1 are padding: token 0 at position 0, writing
 its KV to a scratch page no sequence owns, attending only to itself, logits discarded. Before each replay
 the step's tensors are copied into the buffers and the Triton attention's static work plan is refilled
-from the step's host arrays (`plan_attention(..., buffers=...)`: no host sync, one non-blocking copy). Graphs need the Triton backend
-(the SDPA fallback sizes its tensors from host values); `capture=False` runs the same static-buffer path
-eagerly, which is how the padding logic is tested on CPU.
+from the step's host arrays (`plan_attention(..., buffers=...)`: no host sync, one non-blocking copy).
+Graphs need the Triton backend (the SDPA fallback sizes its tensors from host values); `capture=False`
+runs the same static-buffer path eagerly, which is how the padding logic is tested on CPU.
 
 Safety net: the first replay of each size is checked against an eager forward on the same buffers; a
 mismatch, or any error while capturing, turns graphs off for this engine (with a warning) and the step
@@ -97,14 +97,13 @@ class DecodeGraphs:
         self.prefix_pages[:groups, :width] = meta.prefix_pages
         self.prefix_lens[:groups] = meta.prefix_lens
         self._reset_padding(n, b)
+        pad = b - n
         shape = None
         if step.shape is not None:
-            pad = b - n
             shape = StepShape(step.shape.q_lens + (1,) * pad, step.shape.own_lens + (1,) * pad,
                               step.shape.prefix_lens + (0,) * pad)
         static = self._step(b, shape)
         if self.plan is not None:
-            pad = b - n
             try:
                 plan_attention(np.arange(b + 1), np.concatenate([host.own_lens, np.ones(pad, dtype=np.int64)]),
                                np.concatenate([host.seq_group, np.full(pad, -1, dtype=np.int64)]), host.prefix_lens,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..kernels import paged_attention, plan_paged_attention
+from ..kernels import paged_attention
 from ..kernels.paged import PagedAttentionMetadata, paged_attention_reference
 from .paged_sdpa import StepShape, paged_attention_sdpa
 

@@ -3,6 +3,9 @@
 Packed layout of one step (batch dimension 1): the chunks' tokens back to back, explicit position ids
 (each token's position in its full prompt), flat KV slots, and the paged attention metadata of
 kernels/paged.py. Logits are computed only at the last token of chunks that sample (`logits_to_keep`).
+A step is packed on the host as numpy arrays (`HostStep`), which also feed the attention's work plan,
+then uploaded in two non-blocking copies; a token the previous step sampled and the host has not read
+yet (PENDING) is gathered on the device from that step's sampled tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ..kernels.attention_plan import plan_attention
 from .kv_pool import PagedCache, Step
 from .paged_sdpa import StepShape
 from .scheduler import PENDING, Chunk, Group
+from .transfer import upload
 
 
 @dataclass
@@ -120,8 +124,8 @@ def to_device(host: HostStep, page_size: int, device: torch.device, previous_tok
     longs = [host.token_ids, host.positions, host.slots, host.sample_index, host.pending_at, host.pending_from]
     ints = [host.q_starts, host.own_lens, host.seq_group, host.prefix_lens, host.own_pages.ravel(),
             host.prefix_pages.ravel()]
-    long_dev = _upload(np.concatenate(longs), device)
-    int_dev = _upload(np.concatenate(ints).astype(np.int32), device)
+    long_dev = upload(torch.from_numpy(np.concatenate(longs)), device)
+    int_dev = upload(torch.from_numpy(np.concatenate(ints).astype(np.int32)), device)
     ids, positions, slots, sample_index, pending_at, pending_from = long_dev.split([a.shape[0] for a in longs])
     q_starts, own_lens, seq_group, prefix_lens, own_pages, prefix_pages = int_dev.split([a.shape[0] for a in ints])
     if host.pending_at.shape[0]:
@@ -133,18 +137,6 @@ def to_device(host: HostStep, page_size: int, device: torch.device, previous_tok
         prefix_pages=prefix_pages.view(host.prefix_pages.shape), prefix_lens=prefix_lens, page_size=page_size,
     )
     return ids[None], positions[None], Step(slots, meta, host.shape), sample_index
-
-
-def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(array)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def build_step(chunks: list[Chunk], page_size: int, device: torch.device, shared_prefix: bool):
-    """Returns (input_ids (1, T), position_ids (1, T), Step, sample_index (N,)); no token may be pending."""
-    return to_device(build_host_step(chunks, page_size, shared_prefix), page_size, device, None)
 
 
 class ModelRunner:

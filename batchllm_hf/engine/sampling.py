@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .transfer import upload
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -95,14 +97,6 @@ def _ban_mask(banned: tuple[int, ...], vocab_size: int, device: torch.device) ->
     return ban.to(device)
 
 
-def _device_tensor(values, device: torch.device, dtype=torch.int64) -> torch.Tensor:
-    """A host list on `device` without waiting for the device (pinned, non-blocking copy on CUDA)."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
 def sample_tensor(logits: torch.Tensor, params: SamplingParams, *, seeds: list[int], keys: list[int],
                   positions: list[int], num_generated: list[int],
                   histories: list[list[int]] | None) -> torch.Tensor:
@@ -113,14 +107,15 @@ def sample_tensor(logits: torch.Tensor, params: SamplingParams, *, seeds: list[i
         logits = apply_repetition_penalty(logits, histories, params.repetition_penalty)
     banned = sorted(params.eos_ids | params.stop_ids)
     if params.min_new_tokens and banned and any(n < params.min_new_tokens for n in num_generated):
-        early = _device_tensor([n < params.min_new_tokens for n in num_generated], device, torch.bool)
+        early = upload(torch.tensor([n < params.min_new_tokens for n in num_generated]), device)
         ban = _ban_mask(tuple(banned), logits.shape[-1], device)
         logits = logits.masked_fill(early[:, None] & ban[None, :], float("-inf"))
     if not params.do_sample:
         return logits.argmax(dim=-1)
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    u = uniform_noise(_device_tensor(seeds, device), _device_tensor(keys, device), _device_tensor(positions, device),
-                      logits.shape[-1])
+    seeds_t, keys_t, positions_t = (upload(torch.tensor(v, dtype=torch.int64), device)
+                                    for v in (seeds, keys, positions))
+    u = uniform_noise(seeds_t, keys_t, positions_t, logits.shape[-1])
     gumbel = -torch.log(-torch.log(u))
     return (logits.double() + gumbel).argmax(dim=-1)
 

@@ -34,6 +34,7 @@ ABLATIONS = {
     "batchllm (memory budget off)": {"max_num_seqs": 64},
     "batchllm (cuda graphs off)": {"cuda_graphs": False},
     "batchllm (step overlap off)": {"overlap_steps": False},
+    "batchllm (fused ops off)": {"fused_ops": False},
 }
 
 

@@ -51,23 +51,38 @@ def timed_steps(model, prompts, new_tokens, config):
     return t1 - t0, t2 - t1, steps, dict(engine.stats.seconds)
 
 
-def kernel_profile(model, prompts, new_tokens, config, first=20, count=5):
-    """GPU kernel time by kernel name over decode steps first..first+count (eager, so every launch is seen)."""
+def _category(name: str) -> str:
+    lowered = name.lower()
+    if "_partial_attention" in name or "_merge_kernel" in name:
+        return "attention (ours)"
+    if any(key in lowered for key in ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas")):
+        return "matmul"
+    if "rms" in lowered or "silu" in lowered:
+        return "fused norm / act (ours)"
+    return "other (elementwise, copies)"
+
+
+def kernel_profile(model, prompts, new_tokens, config, first=20, count=5, kind="decode"):
+    """GPU kernel time by kernel name over steps first..first+count of one kind ("decode" or "mixed"),
+    eager so that every launch is seen."""
     from torch.profiler import ProfilerActivity, profile
 
     original = runner_module.ModelRunner.run
-    state = {"decode": 0, "prof": None}
+    state = {"seen": 0, "prof": None, "tokens": 0}
 
     def run(self, chunks, *args):
         decode = all(c.length == 1 and c.sample for c in chunks)
-        if decode:
-            state["decode"] += 1
-            if state["decode"] == first:
+        mine = decode == (kind == "decode")
+        if mine:
+            state["seen"] += 1
+            if state["seen"] == first:
                 torch.cuda.synchronize()
                 state["prof"] = profile(activities=[ProfilerActivity.CUDA])
                 state["prof"].start()
+            if first <= state["seen"] < first + count:
+                state["tokens"] += sum(c.length for c in chunks)
         out = original(self, chunks, *args)
-        if decode and state["decode"] == first + count - 1:
+        if mine and state["seen"] == first + count - 1:
             torch.cuda.synchronize()
             state["prof"].stop()
         return out
@@ -85,7 +100,12 @@ def kernel_profile(model, prompts, new_tokens, config, first=20, count=5):
             n, t = totals.get(name, (0, 0.0))
             totals[name] = (n + 1, t + event.device_time)
     total = sum(t for _, t in totals.values())
-    rows = [f"  GPU time per decode step: {total / count / 1e3:.2f} ms"]
+    rows = [f"  GPU time per {kind} step: {total / count / 1e3:.2f} ms ({state['tokens'] / count:.0f} tokens per step)"]
+    categories = {}
+    for name, (_, t) in totals.items():
+        categories[_category(name)] = categories.get(_category(name), 0.0) + t
+    rows += [f"    {t / count / 1e3:7.3f} ms  {100 * t / total:4.1f}%  [{cat}]" for cat, t in
+             sorted(categories.items(), key=lambda kv: -kv[1])]
     for name, (n, t) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:14]:
         rows.append(f"    {t / count / 1e3:7.3f} ms  {n // count:5d} launches  {name}")
     return rows
@@ -97,7 +117,7 @@ def main():
     parser.add_argument("--out", default="profile_out")
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
-    parser.add_argument("--kernels", action="store_true", help="only the per-kernel GPU time of decode steps")
+    parser.add_argument("--kernels", action="store_true", help="only the per-kernel GPU time of decode and mixed steps")
     args = parser.parse_args()
     import os
     os.makedirs(args.out, exist_ok=True)
@@ -114,6 +134,7 @@ def main():
             _free("cuda")
             lines.append(f"{name}:")
             lines += kernel_profile(model, prompts, w.output, config)
+            lines += kernel_profile(model, prompts, w.output, config, first=2, count=2, kind="mixed")
             print(*lines, sep="\n", flush=True)
             del model
             _free("cuda")

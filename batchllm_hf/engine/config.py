@@ -23,6 +23,9 @@ class EngineConfig:
     attention_backend:   "triton", "sdpa" or "reference" (kv_pool.PagedCache); None picks the fastest here.
     overlap_steps:       launch step N+1 before reading step N's tokens back (same outputs; off: one step at
                          a time, the host idle while the device runs and the other way round).
+    fused_ops:           on CUDA, run the model's RMSNorms, rotary embedding and SwiGLU activation as fused
+                         Triton kernels (engine/fused_model.py; known Llama-family classes only) instead of
+                         HF's chains of torch ops.
     """
 
     page_size: int = 16
@@ -37,6 +40,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     attention_backend: str | None = None
     overlap_steps: bool = True
+    fused_ops: bool = True
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):

@@ -22,6 +22,7 @@ from ..attention import ATTN_IMPLEMENTATION
 from ..validation import check_model_supported
 from .config import EngineConfig
 from .decode_graphs import DecodeGraphs
+from .fused_model import fused_ops
 from .grouping import build_groups
 from .kv_pool import PagedCache, pool_pages
 from .runner import ModelRunner
@@ -166,49 +167,51 @@ class Engine:
                 if on_finish is not None:
                     on_finish(seq.index, outputs[seq.index])
 
-        try:
-            while not scheduler.done:
-                t0 = time.perf_counter()
-                chunks = scheduler.schedule()
-                if not chunks:
-                    if inflight is not None:  # what is left waits on the last step's tokens
+        # The glue kernels (RMSNorm, rotary, SiLU-mul) run fused for the whole job on CUDA (fused_model.py).
+        with fused_ops(self.model, enabled=cfg.fused_ops):
+            try:
+                while not scheduler.done:
+                    t0 = time.perf_counter()
+                    chunks = scheduler.schedule()
+                    if not chunks:
+                        if inflight is not None:  # what is left waits on the last step's tokens
+                            complete(inflight)
+                            inflight = None
+                            stats.kv_timeline.append((time.perf_counter() - start, *scheduler.pages_in_use(), 0))
+                            continue
+                        raise RuntimeError("The scheduler found nothing to run: the KV pool is too small for the "
+                                           "admitted groups; give the engine more KV memory (EngineConfig.num_pages).")
+                    t1 = time.perf_counter()
+                    logits = runner.run(chunks, previous_tokens)
+                    t2 = time.perf_counter()
+                    picked = [c.seq for c in chunks if c.sample]
+                    tokens = sample_tensor(
+                        logits, params, seeds=[seed_of[s.index] for s in picked], keys=[s.index % n for s in picked],
+                        positions=[len(s.prompt) + len(s.output) for s in picked],
+                        num_generated=[len(s.output) for s in picked],
+                        histories=[s.prompt + s.output for s in picked] if params.repetition_penalty != 1.0 else None,
+                    ) if picked else torch.zeros(0, dtype=torch.long, device=logits.device)
+                    stats.physical_prompt_tokens += sum(c.length for c in chunks if not (c.sample and c.length == 1
+                                                                                         and c.seq.output))
+                    records = scheduler.advance(chunks)
+                    flight = (records, *_to_host(tokens))
+                    t3 = time.perf_counter()
+                    if inflight is not None:
+                        complete(inflight)
+                    inflight, previous_tokens = flight, tokens
+                    if not overlap:
                         complete(inflight)
                         inflight = None
-                        stats.kv_timeline.append((time.perf_counter() - start, *scheduler.pages_in_use(), 0))
-                        continue
-                    raise RuntimeError("The scheduler found nothing to run: the KV pool is too small for the admitted "
-                                       "groups; give the engine more KV memory (EngineConfig.num_pages).")
-                t1 = time.perf_counter()
-                logits = runner.run(chunks, previous_tokens)
-                t2 = time.perf_counter()
-                picked = [c.seq for c in chunks if c.sample]
-                tokens = sample_tensor(
-                    logits, params, seeds=[seed_of[s.index] for s in picked], keys=[s.index % n for s in picked],
-                    positions=[len(s.prompt) + len(s.output) for s in picked],
-                    num_generated=[len(s.output) for s in picked],
-                    histories=[s.prompt + s.output for s in picked] if params.repetition_penalty != 1.0 else None,
-                ) if picked else torch.zeros(0, dtype=torch.long, device=logits.device)
-                stats.physical_prompt_tokens += sum(c.length for c in chunks if not (c.sample and c.length == 1
-                                                                                     and c.seq.output))
-                records = scheduler.advance(chunks)
-                flight = (records, *_to_host(tokens))
-                t3 = time.perf_counter()
-                if inflight is not None:
-                    complete(inflight)
-                inflight, previous_tokens = flight, tokens
-                if not overlap:
-                    complete(inflight)
-                    inflight = None
-                stats.steps += 1
-                stats.seconds["schedule"] += t1 - t0
-                stats.seconds["launch"] += t2 - t1
-                stats.seconds["sample"] += t3 - t2
-                stats.kv_timeline.append((time.perf_counter() - start, *scheduler.pages_in_use(),
-                                          sum(c.length for c in chunks)))
-        finally:
-            self.model.set_attn_implementation(previous)
-            stats.seconds["total"] = time.perf_counter() - start
-            stats.preemptions = scheduler.num_preemptions
+                    stats.steps += 1
+                    stats.seconds["schedule"] += t1 - t0
+                    stats.seconds["launch"] += t2 - t1
+                    stats.seconds["sample"] += t3 - t2
+                    stats.kv_timeline.append((time.perf_counter() - start, *scheduler.pages_in_use(),
+                                              sum(c.length for c in chunks)))
+            finally:
+                self.model.set_attn_implementation(previous)
+                stats.seconds["total"] = time.perf_counter() - start
+                stats.preemptions = scheduler.num_preemptions
         return outputs
 
 

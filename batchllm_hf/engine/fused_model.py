@@ -1,0 +1,108 @@
+"""Run an HF model with the fused glue kernels (kernels/fused_ops.py) in place of its torch op chains.
+
+    with fused_ops(model) as swapped:     # swapped: how many modules / functions now run fused kernels
+        model(...)
+
+Inside the block, and only there:
+  * every RMSNorm module of a known class runs `rms_norm` (one launch instead of eight),
+  * every SwiGLU MLP of a known class runs `silu_mul` between its projections (its Linear layers as they are),
+  * the model's modeling module's `apply_rotary_pos_emb` runs `rotary` (one launch for q and k).
+Known classes: those whose forward is exactly HF's Llama formula (Llama, Qwen2, Qwen3, Mistral). Others
+(Gemma's 1 + weight norm, biased or non-SiLU MLPs, partial rotary) are left as they are, as is a module
+whose forward something else already replaced (accelerate hooks). On exit everything is put back, even
+after an error. Tensors that need gradients, or are not on a device where the kernels run, take HF's
+own path. The engine enters this around a whole generate call (EngineConfig.fused_ops); the rotary
+swap is a module global, so another model of the same architecture running in another thread at the
+same time would take the fused path too (same results).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+
+_NORM_CLASSES = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"}
+_MLP_CLASSES = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"}
+_ROTARY_MODULES = {f"transformers.models.{name}.modeling_{name}" for name in ("llama", "qwen2", "qwen3", "mistral")}
+
+
+def _runs_here(x: torch.Tensor, force: bool) -> bool:
+    return (x.is_cuda or force) and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def _norm_forward(module, force):
+    original = module.forward
+
+    def forward(hidden_states):
+        if not _runs_here(hidden_states, force):
+            return original(hidden_states)
+        from ..kernels.fused_ops import rms_norm
+
+        return rms_norm(hidden_states, module.weight, module.variance_epsilon)
+
+    return forward
+
+
+def _mlp_forward(module, force):
+    original = module.forward
+
+    def forward(x):
+        if not _runs_here(x, force):
+            return original(x)
+        from ..kernels.fused_ops import silu_mul
+
+        return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+
+    return forward
+
+
+def _rotary_function(original, force):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
+        if (unsqueeze_dim != 1 or kwargs or cos.dim() != 3 or cos.shape[-1] != q.shape[-1]
+                or not _runs_here(q, force) or k.requires_grad):
+            return original(q, k, cos, sin, unsqueeze_dim, **kwargs)
+        from ..kernels.fused_ops import rotary
+
+        return rotary(q, k, cos, sin)
+
+    apply_rotary_pos_emb.batchllm_original = original
+    return apply_rotary_pos_emb
+
+
+def _swappable_mlp(module) -> bool:
+    config = getattr(module, "config", None)
+    act = getattr(config, "hidden_act", None)
+    return (act in ("silu", "swish") and all(getattr(module, name, None) is not None
+                                             for name in ("gate_proj", "up_proj", "down_proj")))
+
+
+@contextlib.contextmanager
+def fused_ops(model: torch.nn.Module, *, enabled: bool = True, force: bool = False):
+    """Swap in the fused kernels for the duration of the block (see the module docstring). `force` runs
+    them on any device (the CPU tests, under TRITON_INTERPRET=1); otherwise CUDA tensors only."""
+    undo = []
+    try:
+        if enabled:
+            for module in model.modules():
+                name = type(module).__name__
+                if "forward" in module.__dict__:  # already replaced by someone else: leave it
+                    continue
+                if name in _NORM_CLASSES and hasattr(module, "variance_epsilon"):
+                    module.forward = _norm_forward(module, force)
+                elif name in _MLP_CLASSES and _swappable_mlp(module):
+                    module.forward = _mlp_forward(module, force)
+                else:
+                    continue
+                undo.append(lambda m=module: m.__dict__.pop("forward", None))
+                if type(module).__module__ in _ROTARY_MODULES:
+                    modeling = sys.modules[type(module).__module__]
+                    current = getattr(modeling, "apply_rotary_pos_emb", None)
+                    if current is not None and not hasattr(current, "batchllm_original"):
+                        modeling.apply_rotary_pos_emb = _rotary_function(current, force)
+                        undo.append(lambda mod=modeling, f=current: setattr(mod, "apply_rotary_pos_emb", f))
+        yield len(undo)
+    finally:
+        for step in reversed(undo):
+            step()

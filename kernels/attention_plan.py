@@ -39,15 +39,19 @@ import torch
 
 from .paged import PagedAttentionMetadata
 
-# Item fields (int32): kind (bit 0: prefix, else own; bit 1: a small 16-row tile, for decode-sized row sets
-# in a step whose large tiles serve prefill chunks), page-table row, first q token of the row set, rows in the
-# row set, first row of this tile, KV start, KV end (causal end of the tile folded in), slot offset of this
-# partial, causal base (position of the row set's first token; a large value for prefix items).
-NUM_FIELDS = 9
+# Item fields (int32): kind (bit 0: prefix, else own; bit 1: a small 16-row tile of one KV head, for
+# decode-sized row sets in a step whose large tiles serve prefill chunks; bit 2: wide, all KV heads in one
+# program), page-table row, first q token of the row set, rows in the row set, first row of this tile,
+# KV start, KV end (causal end of the tile folded in), slot offset of this partial, causal base (position of
+# the row set's first token; a large value for prefix items), KV head (0 for wide items).
+NUM_FIELDS = 10
 NO_CAUSAL = 1 << 30
 SMALL_TILE = 16
+WIDE_MAX_ROWS = 64  # row sets of at most this many (token, query head) rows run wide
 _MIN_CHUNK = 256
+_MIN_CHUNK_WIDE = 128
 _PROGRAMS_PER_SM = 4
+_STATIC_PROGRAMS_PER_SM = 8
 
 
 @dataclass
@@ -63,6 +67,8 @@ class PagedAttentionPlan:
     block_m: int               # rows per prefix tile
     block_m_own: int           # rows per own tile
     block_n: int
+    block_m_wide: int          # rows per wide tile ((token, query head) pairs of all KV heads)
+    block_n_wide: int          # columns per wide KV block ((key token, KV head) pairs)
     num_warps: int
     num_stages: int
     needs_merge: bool          # False only when no token has several partials (merge launch skipped)
@@ -94,17 +100,29 @@ def tile_config(max_prefix_rows: int, max_own_rows: int, head_dim: int,
     return block_m, block_m_own, 64, 4, 3  # decode: best of 8 configurations on 3 steps
 
 
+def wide_tiles(num_q_heads: int, head_dim: int) -> tuple[int, int]:
+    """(block_m_wide, block_n_wide) for decode tokens of a model with these heads."""
+    return min(WIDE_MAX_ROWS, max(16, _next_power_of_2(num_q_heads))), 128 if head_dim <= 128 else 64
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: int, head_dim: int,
                   device: torch.device | str, *, block_m: int = 16, block_m_own: int = 16, block_n: int = 64,
+                  block_m_wide: int | None = None, block_n_wide: int | None = None,
                   num_warps: int = 4, num_stages: int = 3, num_programs: int | None = None) -> PagedAttentionPlan:
     """Static buffers for CUDA-graph capture (fill them with `plan_paged_attention(..., buffers=plan)`).
 
-    The kernel's grid has `num_programs` x Hkv programs whatever max_items is (default: 2 per SM of the
-    device), each looping over the step's items, so a generous capacity costs no idle programs."""
+    The kernel's grid has `num_programs` programs whatever max_items is (default: 8 per SM of the device),
+    each looping over the step's items, so a generous capacity costs no idle programs. block_m_wide /
+    block_n_wide default to `wide_tiles(num_q_heads, head_dim)`."""
+    default_m_wide, default_n_wide = wide_tiles(num_q_heads, head_dim)
     if num_programs is None:
         device = torch.device(device)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-        num_programs = 2 * num_sms
+        num_programs = _STATIC_PROGRAMS_PER_SM * num_sms
     return PagedAttentionPlan(
         items=torch.empty((max_items, NUM_FIELDS), dtype=torch.int32, device=device),  # read below num_items
         num_items=torch.zeros((1,), dtype=torch.int32, device=device),
@@ -112,7 +130,8 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
         part_start=torch.empty((max_tokens,), dtype=torch.int32, device=device),
         part_out=torch.empty((max(max_parts, 1), num_q_heads, head_dim), dtype=torch.float32, device=device),
         part_lse=torch.empty((max(max_parts, 1), num_q_heads), dtype=torch.float32, device=device),
-        block_m=block_m, block_m_own=block_m_own, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+        block_m=block_m, block_m_own=block_m_own, block_n=block_n, block_m_wide=block_m_wide or default_m_wide,
+        block_n_wide=block_n_wide or default_n_wide, num_warps=num_warps, num_stages=num_stages,
         needs_merge=True, num_programs=min(num_programs, max_items),
     )
 
@@ -130,22 +149,22 @@ def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
                          num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
-                         buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
+                         wide: bool = True, buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """Plan one step (host sync here, once per step). See the module docstring.
 
     num_sms defaults to the device's; block_m and chunk (KV tokens per work item) override the heuristics
-    (tests use them to force splits and tile shapes)."""
+    (tests use them to force splits and tile shapes); wide=False keeps every item to one KV head."""
     tensors = (meta.q_starts, meta.own_lens, meta.seq_group, meta.prefix_lens)
     arrays = [t.cpu().numpy().astype(np.int64) for t in tensors]
     return plan_attention(*arrays, num_q_heads, num_kv_heads, head_dim, meta.own_lens.device, num_sms=num_sms,
-                          block_m=block_m, chunk=chunk, buffers=buffers)
+                          block_m=block_m, chunk=chunk, wide=wide, buffers=buffers)
 
 
 def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.ndarray, prefix_lens: np.ndarray,
                    num_q_heads: int, num_kv_heads: int, head_dim: int, device: torch.device, *,
                    own_starts: np.ndarray | None = None, prefix_starts: np.ndarray | None = None,
                    num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
-                   buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
+                   wide: bool = True, buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """`plan_paged_attention` on host arrays. own_starts / prefix_starts: first visible key of each
     sequence's own KV / each group's prefix (left padding in the dense layout; zeros when None)."""
     if num_q_heads % num_kv_heads:
@@ -175,69 +194,103 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     runs, run_group, run_tok_lo, run_rows = (a[run_rows > 0] for a in (runs, run_group, run_tok_lo, run_rows))
     run_kv, run_kv_lo = prefix_lens[run_group], prefix_starts[run_group]
     own_seqs = np.flatnonzero(q_lens > 0)
-    own_rows = q_lens[own_seqs] * ratio
+    own_tokens = q_lens[own_seqs]
     own_spans = own_lens[own_seqs] - own_starts[own_seqs]
+    run_tokens = run_rows // ratio
+
+    # Wide row sets: few enough (token, query head) rows for one tile, all KV heads in one program.
+    if buffers is not None:
+        bmw, bnw = buffers.block_m_wide, buffers.block_n_wide
+    else:
+        bmw, bnw = wide_tiles(num_q_heads, head_dim)
+    can_wide = wide and num_kv_heads > 1 and _next_power_of_2(num_kv_heads) <= bnw
+    run_wide = can_wide & (run_tokens * num_q_heads <= bmw)
+    own_wide = can_wide & (own_tokens * num_q_heads <= bmw)
+    if buffers is None:  # the smallest wide tile that holds this step's wide row sets
+        widest = max(int((run_tokens[run_wide] * num_q_heads).max(initial=0)),
+                     int((own_tokens[own_wide] * num_q_heads).max(initial=0)))
+        bmw = max(16, _next_power_of_2(widest))
+    run_rows = np.where(run_wide, run_tokens * num_q_heads, run_rows)
+    own_rows = np.where(own_wide, own_tokens * num_q_heads, own_tokens * ratio)
 
     total_rows = int(run_rows.sum() + own_rows.sum())
     if buffers is not None:
         bm, bmo = buffers.block_m, buffers.block_m_own
         bn, warps, stages = buffers.block_n, buffers.num_warps, buffers.num_stages
     else:
-        bm, bmo, bn, warps, stages = tile_config(int(run_rows.max(initial=0)), int(own_rows.max(initial=0)),
-                                                 head_dim, total_rows)
+        bm, bmo, bn, warps, stages = tile_config(int(run_rows[~run_wide].max(initial=0)),
+                                                 int(own_rows[~own_wide].max(initial=0)), head_dim, total_rows)
         bm, bmo = block_m or bm, block_m or bmo
 
-    # Chunk size: enough programs for ~_PROGRAMS_PER_SM waves; never split what already fills the GPU.
-    # Row sets of at most 16 rows (decode tokens) take 16-row tiles whatever the step's large tiles are.
-    run_bm = np.where(run_rows <= SMALL_TILE, SMALL_TILE, bm)
-    own_bm = np.where(own_rows <= SMALL_TILE, SMALL_TILE, bmo)
-    run_kind = np.where(run_rows <= SMALL_TILE, 3, 1)
-    own_kind = np.where(own_rows <= SMALL_TILE, 2, 0)
+    # Per row set: tile rows, kind, tiles, programs per (tile, KV chunk): Hkv for one-head items, 1 for wide.
+    run_bm = np.where(run_wide, bmw, np.where(run_rows <= SMALL_TILE, SMALL_TILE, bm))
+    own_bm = np.where(own_wide, bmw, np.where(own_rows <= SMALL_TILE, SMALL_TILE, bmo))
+    run_kind = np.where(run_wide, 5, np.where(run_rows <= SMALL_TILE, 3, 1))
+    own_kind = np.where(own_wide, 4, np.where(own_rows <= SMALL_TILE, 2, 0))
+    run_heads = np.where(run_wide, 1, num_kv_heads)
+    own_heads = np.where(own_wide, 1, num_kv_heads)
+    run_row_heads = np.where(run_wide, num_q_heads, ratio)
+    own_row_heads = np.where(own_wide, num_q_heads, ratio)
     run_tiles, own_tiles = _cdiv(run_rows, run_bm), _cdiv(own_rows, own_bm)
-    work = int((run_tiles * (run_kv - run_kv_lo)).sum() + (own_tiles * own_spans).sum())
-    unsplit_programs = int(run_tiles.sum() + own_tiles.sum()) * num_kv_heads
-    longest = int(max((run_kv - run_kv_lo).max(initial=0), own_spans.max(initial=0)))
+    run_spans = run_kv - run_kv_lo
+
+    # Chunk size (KV tokens per item): enough programs for ~_PROGRAMS_PER_SM waves; never split what
+    # already fills the GPU. Work counts (key token, KV head) reads per tile; a wide item does Hkv of them
+    # per key token, so its chunk is Hkv times shorter.
+    work = int((run_tiles * run_spans).sum() + (own_tiles * own_spans).sum()) * num_kv_heads
+    unsplit_programs = int((run_tiles * run_heads).sum() + (own_tiles * own_heads).sum())
+    longest = int(max(run_spans.max(initial=0), own_spans.max(initial=0)))
     target = num_sms * _PROGRAMS_PER_SM
     if chunk is not None:
         if chunk < 1:
             raise ValueError(f"chunk must be a positive number of KV tokens, got {chunk}.")
+        chunk_wide = chunk
     elif unsplit_programs >= target or longest <= _MIN_CHUNK:
-        chunk = max(longest, 1)
+        chunk = chunk_wide = max(longest, 1)
     else:
-        chunk = max(_MIN_CHUNK, _cdiv(_cdiv(work * num_kv_heads, target), bn) * bn)
+        unit = _cdiv(work, target)
+        chunk = max(_MIN_CHUNK, _cdiv(unit, bn) * bn)
+        chunk_wide = max(_MIN_CHUNK_WIDE, _cdiv(_cdiv(unit, num_kv_heads), 16) * 16)
 
-    def build(chunk: int):
-        run_splits = _cdiv(run_kv - run_kv_lo, chunk)
-        own_splits = np.maximum(_cdiv(own_spans, chunk), 1)  # >= 1: a row with no visible key still gets 0
-        # Prefix items.
-        run_idx, local = _expand(run_tiles * run_splits)
-        # Split-major: the tiles reading one prefix chunk get adjacent program ids, so they run together and
-        # share the chunk through L2 when a group's rows need several tiles.
-        tile, split = local % run_tiles[run_idx], local // run_tiles[run_idx]
+    def build(chunk: int, chunk_wide: int):
+        run_chunk = np.where(run_wide, chunk_wide, chunk)
+        own_chunk = np.where(own_wide, chunk_wide, chunk)
+        run_splits = _cdiv(run_spans, run_chunk)
+        own_splits = np.maximum(_cdiv(own_spans, own_chunk), 1)  # >= 1: a row with no visible key still gets 0
+        # Prefix items. Split-major, then head, then tile: the tiles reading one prefix chunk of one KV head
+        # get adjacent program ids, so they run together and share the chunk through L2.
+        per_split = run_tiles * run_heads
+        run_idx, local = _expand(per_split * run_splits)
+        tile = local % run_tiles[run_idx]
+        head = (local // run_tiles[run_idx]) % run_heads[run_idx]
+        split = local // per_split[run_idx]
+        c, lo, hi = run_chunk[run_idx], run_kv_lo[run_idx], run_kv[run_idx]
         prefix_items = np.stack([
             run_kind[run_idx], run_group[run_idx], run_tok_lo[run_idx], run_rows[run_idx], tile * run_bm[run_idx],
-            run_kv_lo[run_idx] + split * chunk, np.minimum(run_kv_lo[run_idx] + (split + 1) * chunk, run_kv[run_idx]),
-            split, np.full_like(tile, NO_CAUSAL),
+            lo + split * c, np.minimum(lo + (split + 1) * c, hi), split, np.full_like(tile, NO_CAUSAL), head,
         ], axis=1)
         # Own items; a sequence's prefix partials take its first slots.
         seq_prefix_splits = np.zeros(seq_group.shape[0], dtype=np.int64)
         seq_prefix_splits_runs = np.zeros(run_of_seq.max(initial=-1) + 1, dtype=np.int64)
         seq_prefix_splits_runs[runs] = run_splits
         seq_prefix_splits[:] = seq_prefix_splits_runs[run_of_seq] if seq_group.size else 0
-        own_idx, local = _expand(own_tiles * own_splits)
-        tile, split = local // own_splits[own_idx], local % own_splits[own_idx]
+        own_idx, local = _expand(own_tiles * own_heads * own_splits)
+        split = local % own_splits[own_idx]
+        head = (local // own_splits[own_idx]) % own_heads[own_idx]
+        tile = local // (own_splits[own_idx] * own_heads[own_idx])
         seq = own_seqs[own_idx]
+        c = own_chunk[own_idx]
         causal_base = own_lens[seq] - q_lens[seq]
         last_row = np.minimum((tile + 1) * own_bm[own_idx], own_rows[own_idx]) - 1
         own_items = np.stack([
             own_kind[own_idx], seq, q_starts[seq], own_rows[own_idx], tile * own_bm[own_idx],
-            own_starts[seq] + split * chunk,
-            np.minimum(own_starts[seq] + (split + 1) * chunk, causal_base + last_row // ratio + 1),
+            own_starts[seq] + split * c,
+            np.minimum(own_starts[seq] + (split + 1) * c, causal_base + last_row // own_row_heads[own_idx] + 1),
             seq_prefix_splits[seq] + split,
-            causal_base,
+            causal_base, head,
         ], axis=1)
         items = np.concatenate([prefix_items, own_items]).reshape(-1, NUM_FIELDS)
-        cost = (items[:, 6] - items[:, 5]) * (1 + items[:, 0] % 2)
+        cost = (items[:, 6] - items[:, 5]) * (1 + items[:, 0] % 2) * np.where(items[:, 0] >= 4, num_kv_heads, 1)
         items = items[np.argsort(-cost, kind="stable")]
 
         # Per token: number of partials and workspace slots.
@@ -249,12 +302,12 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         part_start = np.cumsum(multi) - multi
         return items, num_parts, part_start, int(multi.sum())
 
-    items, num_parts, part_start, num_part_slots = build(chunk)
+    items, num_parts, part_start, num_part_slots = build(chunk, chunk_wide)
     # A static plan: coarser chunks (fewer items and partials) until the step fits the capacities.
-    while buffers is not None and chunk < longest and (items.shape[0] > buffers.items.shape[0]
-                                                       or num_part_slots > buffers.part_out.shape[0]):
-        chunk *= 2
-        items, num_parts, part_start, num_part_slots = build(chunk)
+    while buffers is not None and min(chunk, chunk_wide) < longest and (
+            items.shape[0] > buffers.items.shape[0] or num_part_slots > buffers.part_out.shape[0]):
+        chunk, chunk_wide = 2 * chunk, 2 * chunk_wide
+        items, num_parts, part_start, num_part_slots = build(chunk, chunk_wide)
 
     packed = torch.from_numpy(np.concatenate([items.ravel(), num_parts, part_start]).astype(np.int32))
     if torch.device(device).type == "cuda":  # pinned + non_blocking: the copy does not wait for the device
@@ -265,7 +318,8 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     tensors = dict(items=flat_items.view(items.shape[0], NUM_FIELDS), num_parts=plan_parts, part_start=plan_starts)
     if buffers is None:
         buffers = allocate_plan(num_tokens, items.shape[0], num_part_slots, num_q_heads, head_dim, device,
-                                block_m=bm, block_m_own=bmo, block_n=bn, num_warps=warps, num_stages=stages,
+                                block_m=bm, block_m_own=bmo, block_n=bn, block_m_wide=bmw, block_n_wide=bnw,
+                                num_warps=warps, num_stages=stages,
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0
     for name, have, need in (("max_items", buffers.items.shape[0], items.shape[0]),

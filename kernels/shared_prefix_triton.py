@@ -68,22 +68,23 @@ def _partial_attention_kernel(
     items_ptr, num_items_ptr, num_parts_ptr, part_start_ptr, own_pages_ptr, prefix_pages_ptr,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
     stride_ot, stride_oh, stride_own_pages, stride_prefix_pages,
-    ratio, num_q_heads, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_N: tl.constexpr,
+    ratio, num_q_heads, num_kv_heads, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    kv_head = tl.program_id(1)
     # Grid-stride over the items: one item per program for a plan made for this step (grid = its items),
     # several for a static plan (grid = a few programs per SM, whatever the capacity: no idle tail).
     for item in range(tl.program_id(0), tl.load(num_items_ptr), tl.num_programs(0)):
         fields = items_ptr + item * NUM_FIELDS
         kind = tl.load(fields + 0)
         table_row = tl.load(fields + 1).to(tl.int64)
+        kv_head = tl.load(fields + 9)
         # Own KV and prefix KV may live in different tensors (the dense layout): pick pointers and strides.
         is_prefix = (kind % 2).to(tl.int64)
         page_stride = is_prefix * stride_pkp + (1 - is_prefix) * stride_kp
         token_stride = is_prefix * stride_pkt + (1 - is_prefix) * stride_kt
-        head_offset = kv_head * (is_prefix * stride_pkh + (1 - is_prefix) * stride_kh)
+        head_stride = is_prefix * stride_pkh + (1 - is_prefix) * stride_kh
         if kind % 2 == 1:
             table = prefix_pages_ptr + table_row * stride_prefix_pages
             keys_ptr = prefix_k_ptr
@@ -92,34 +93,44 @@ def _partial_attention_kernel(
             table = own_pages_ptr + table_row * stride_own_pages
             keys_ptr = k_ptr
             values_ptr = v_ptr
-        # Prefix tiles of large groups and own tiles of prefill chunks use the step's large tiles; decode-sized
-        # row sets (<= 16 rows) a 16-row tile, so decode tokens mixed into a prefill step waste no MMA rows.
-        if kind >= 2:
+        # Wide items (kind bit 2): all KV heads of a few tokens in one program, rows = (token, query head),
+        # columns = (key token, KV head), so each key token's heads are one contiguous read. Small items
+        # (bit 1): decode-sized row sets of one KV head in a 16-row tile. Else the step's large tiles.
+        if kind >= 4:
             _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
-                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_offset,
-                         stride_ot, stride_oh, kv_head, ratio, num_q_heads, qk_scale,
-                         HEAD_DIM, 16, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
+                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
+                         stride_ot, stride_oh, 0, num_q_heads, ratio, num_q_heads, num_kv_heads, qk_scale,
+                         HEAD_DIM, BLOCK_M_WIDE, BLOCK_N_WIDE, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
+        elif kind >= 2:
+            _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
+                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
+                         stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
+                         HEAD_DIM, 16, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
         elif kind == 1:
             _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
-                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_offset,
-                         stride_ot, stride_oh, kv_head, ratio, num_q_heads, qk_scale,
-                         HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
+                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
+                         stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
+                         HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
         else:
             _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
-                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_offset,
-                         stride_ot, stride_oh, kv_head, ratio, num_q_heads, qk_scale,
-                         HEAD_DIM, BLOCK_M_OWN, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
+                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
+                         stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
+                         HEAD_DIM, BLOCK_M_OWN, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
 
 
 @triton.jit
 def _attend_tile(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
     num_parts_ptr, part_start_ptr,
-    stride_qt, stride_qh, page_stride, token_stride, head_offset, stride_ot, stride_oh,
-    kv_head, ratio, num_q_heads, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    stride_qt, stride_qh, page_stride, token_stride, head_stride, stride_ot, stride_oh,
+    kv_head, row_heads, ratio, num_q_heads, num_kv_heads, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_HEADS_TILE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
+    """One tile of rows against one KV range. Rows: row = token * row_heads + h, query head
+    kv_head * ratio + h (one KV head: row_heads = ratio; wide: row_heads = Hq, kv_head = 0). Columns: key
+    token c // KV_HEADS_TILE of KV head kv_head + c % KV_HEADS_TILE (1 head per column block unless wide);
+    a row sees the columns of its own KV head only."""
     tok_lo = tl.load(fields + 2)
     num_rows = tl.load(fields + 3)
     row_lo = tl.load(fields + 4)
@@ -129,12 +140,15 @@ def _attend_tile(
     causal_base = tl.load(fields + 8)
     rows = row_lo + tl.arange(0, BLOCK_M)
     row_valid = rows < num_rows
-    tokens = (tok_lo + rows // ratio).to(tl.int64)
-    heads = kv_head * ratio + rows % ratio
-    positions = causal_base + rows // ratio  # last visible key of each row (prefix: no limit)
+    tokens = (tok_lo + rows // row_heads).to(tl.int64)
+    heads = kv_head * ratio + rows % row_heads
+    positions = causal_base + rows // row_heads  # last visible key of each row (prefix: no limit)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                 mask=row_valid[:, None], other=0.0).to(DOT_DTYPE)
+    columns = tl.arange(0, BLOCK_N)
+    column_heads = kv_head + columns % KV_HEADS_TILE
+    column_offset = column_heads.to(tl.int64) * head_stride
 
     # Reductions are tl.reduce with triton.language.standard's own combiners (what tl.max / tl.sum compile
     # to), zeros are tl.full: the CPU interpreter maps these to numpy even when triton was imported before
@@ -142,15 +156,19 @@ def _attend_tile(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
-    for start in range(kv_lo, kv_hi, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
+    for start in range(kv_lo, kv_hi, BLOCK_N // KV_HEADS_TILE):
+        keys = start + columns // KV_HEADS_TILE
         key_valid = keys < kv_hi
+        if KV_HEADS_TILE > 1:
+            key_valid = key_valid & (column_heads < num_kv_heads)
         pages = tl.load(table + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
-        offsets = pages * page_stride + (keys % PAGE_SIZE) * token_stride + head_offset
+        offsets = pages * page_stride + (keys % PAGE_SIZE) * token_stride + column_offset
         k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
         v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
         visible = key_valid[None, :] & (keys[None, :] <= positions[:, None])
+        if KV_HEADS_TILE > 1:
+            visible = visible & (column_heads[None, :] == (heads // ratio)[:, None])
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(scores, 1, tl.standard._elementwise_max))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -266,14 +284,16 @@ def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, pref
         return out, lse
     if plan.part_out.shape[1:] != (num_q_heads, head_dim) or plan.num_parts.shape[0] < num_tokens:
         raise ValueError("the plan was made for other head counts, head_dim, or fewer tokens; re-plan this step.")
-    grid = (max(1, min(plan.num_programs, plan.items.shape[0])), num_kv_heads)
+    grid = (max(1, min(plan.num_programs, plan.items.shape[0])),)
     _partial_attention_kernel[grid](
         q, own_kv[0], own_kv[1], prefix_kv[0], prefix_kv[1], out, lse, plan.part_out, plan.part_lse,
         plan.items, plan.num_items, plan.num_parts, plan.part_start, own_pages, prefix_pages,
         q.stride(0), q.stride(1), *own_kv[2], *prefix_kv[2], out.stride(0), out.stride(1),
-        own_pages.stride(0), prefix_pages.stride(0), num_q_heads // num_kv_heads, num_q_heads, scaling * _LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M_PREFIX=plan.block_m, BLOCK_M_OWN=plan.block_m_own,
-        BLOCK_N=plan.block_n, PAGE_SIZE=page_size,
+        own_pages.stride(0), prefix_pages.stride(0), num_q_heads // num_kv_heads, num_q_heads, num_kv_heads,
+        scaling * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M_PREFIX=plan.block_m, BLOCK_M_OWN=plan.block_m_own, BLOCK_M_WIDE=plan.block_m_wide,
+        BLOCK_N=plan.block_n, BLOCK_N_WIDE=plan.block_n_wide, KV_HEADS_TILE=min(triton.next_power_of_2(num_kv_heads), plan.block_n_wide),
+        PAGE_SIZE=page_size,
         NUM_FIELDS=NUM_FIELDS, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # The CPU interpreter (triton 3.9) computes bf16 dots wrongly: there, dots run in fp32 on the same
         # bf16-rounded operands.

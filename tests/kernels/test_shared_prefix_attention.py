@@ -62,11 +62,28 @@ def test_decode_prefix_lengths(prefix_len):
     run_and_compare(groups, 8, 2, 64, torch.float32, decode=True)
 
 
-@pytest.mark.parametrize("ratio,num_kv_heads", [(1, 3), (4, 2), (7, 1), (8, 1)])
+@pytest.mark.parametrize("ratio,num_kv_heads", [(1, 3), (4, 2), (7, 1), (8, 1), (7, 4)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_gqa_ratios(ratio, num_kv_heads, dtype):
+@pytest.mark.parametrize("wide", [True, False])
+def test_decode_gqa_ratios(ratio, num_kv_heads, dtype, wide):
     groups = decode_groups([127, 13, 1], 5, 2) + [(40, [(1, 1)])]  # the last: a group of one
-    run_and_compare(groups, ratio * num_kv_heads, num_kv_heads, 64, dtype, decode=True)
+    plan = run_and_compare(groups, ratio * num_kv_heads, num_kv_heads, 64, dtype, decode=True, wide=wide)
+    kinds = set(plan.items[: int(plan.num_items)][:, 0].tolist())
+    # Wide items (all KV heads in one program) for the own KV of every decode token and the prefix of the
+    # group of one, when there are several KV heads and a token's query heads fit one wide tile.
+    assert (4 in kinds and 5 in kinds) == (wide and num_kv_heads > 1 and ratio * num_kv_heads <= 64)
+
+
+@pytest.mark.parametrize("rows_per_token", [32, 28, 64])
+def test_decode_wide_tiles_of_real_head_counts(rows_per_token):
+    # Llama-3-8B (32 / 8), Qwen2.5-7B (28 / 4), 70B per GPU (64 / 8): wide tiles of 32 and 64 rows, 8 KV
+    # heads per key token in a 128-column block; a 2-token chunk of a group of one beside them (one-head items).
+    num_kv_heads = 4 if rows_per_token == 28 else 8
+    groups = decode_groups([100, 0], 3, 37) + [(70, [(2, 2)])]
+    plan = run_and_compare(groups, rows_per_token, num_kv_heads, 64, torch.bfloat16, chunk=48)
+    assert plan.block_m_wide == (64 if rows_per_token == 64 else 32)
+    kinds = plan.items[: int(plan.num_items)][:, 0].tolist()
+    assert 4 in kinds and 1 in kinds or 3 in kinds
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -74,6 +91,7 @@ def test_decode_many_groups_uneven(head_dim):
     groups = [(13 * g + 1, [(1 + 7 * m, 1) for m in range(1 + g % 4)]) for g in range(9)]
     groups += [(0, [(5, 1), (1, 1)]), (None, [(33, 1)])]
     run_and_compare(groups, 4, 1, head_dim, torch.float16, decode=True, seed=head_dim)
+    run_and_compare(groups, 8, 2, head_dim, torch.float16, decode=True, seed=head_dim)
 
 
 @pytest.mark.parametrize("chunk", [16, 48])

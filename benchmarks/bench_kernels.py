@@ -158,26 +158,50 @@ def bench_prefill(members, chunk, prefix, ratio, ceilings) -> dict:
 
 
 def sweep_tiles() -> list[dict]:
-    """Time a few kernel configurations (block_n, num_warps, num_stages) on representative steps."""
+    """Time kernel configurations on representative steps: decode with one-head items (block_n, warps,
+    stages), decode with wide items (block_n_wide, warps, stages), prefill chunks (block_m, block_n, warps,
+    stages)."""
     rows = []
-    steps = [("decode", 8, 32, 2048, 256, 1, 4), ("decode", 256, 1, 8192, 1024, 1, 4),
-             ("decode", 1, 256, 2048, 256, 1, 8), ("decode", 256, 1, 2048, 64, 1, 8),
-             ("prefill", 1, 4, 8192, 512, 512, 4)]
-    configs = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4)]
-    for name, g, b, p, s, ql, r in steps:
-        q, k_cache, v_cache, meta = make_step(g, b, p, s, ql, r)
-        plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM)
-        out = torch.empty_like(q)
-        for bn, warps, stages in configs:
+    decode_steps = [(8, 32, 2048, 256, 1, 4), (8, 32, 2048, 1024, 1, 4), (256, 1, 8192, 1024, 1, 4),
+                    (1, 256, 2048, 256, 1, 8), (256, 1, 2048, 64, 1, 8), (64, 4, 2048, 1024, 1, 4)]
+    prefill_steps = [(1, 4, 2048, 512, 512, 4), (1, 4, 8192, 512, 512, 4)]
+    narrow = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3)]
+    wide = [(32, 4, 3), (64, 4, 3), (64, 4, 2), (128, 4, 2), (64, 8, 3), (128, 8, 3), (128, 8, 2)]
+    prefill = [(bm, bn, w, st) for bm in (64, 128) for bn, w, st in ((32, 4, 3), (64, 4, 3), (64, 8, 3), (64, 8, 2),
+                                                                      (128, 8, 2), (32, 8, 3))]
+    scale = HEAD_DIM ** -0.5
+
+    def time_plan(step, plan, **config):
+        q, k_cache, v_cache, meta, out = step
+        try:
+            t = timed(lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan))
+        except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: report, go on
+            t = float("nan")
+            print("   sweep error", repr(error)[:120])
+        rows.append(dict(config, time_us=t * 1e6))
+        print("  sweep", rows[-1], flush=True)
+
+    for shape in decode_steps:
+        q, k_cache, v_cache, meta = make_step(*shape)
+        step = (q, k_cache, v_cache, meta, torch.empty_like(q))
+        for variant, configs in (("one-head", narrow), ("wide", wide)):
+            plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, wide=variant == "wide")
+            for bn, warps, stages in configs:
+                if variant == "wide":
+                    plan.block_n_wide = bn
+                else:
+                    plan.block_n = bn
+                plan.num_warps, plan.num_stages = warps, stages
+                time_plan(step, plan, step=["decode", *shape], items=variant, block_n=bn, num_warps=warps,
+                          num_stages=stages)
+    for shape in prefill_steps:
+        q, k_cache, v_cache, meta = make_step(*shape)
+        step = (q, k_cache, v_cache, meta, torch.empty_like(q))
+        for bm, bn, warps, stages in prefill:
+            plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, block_m=bm)
             plan.block_n, plan.num_warps, plan.num_stages = bn, warps, stages
-            try:
-                t = timed(lambda: paged_attention(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5, out=out, plan=plan))
-            except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: report, go on
-                t = float("nan")
-                print("   sweep error", repr(error)[:120])
-            rows.append(dict(step=[name, g, b, p, s, ql, r], block_m=plan.block_m, block_m_own=plan.block_m_own,
-                             block_n=bn, num_warps=warps, num_stages=stages, time_us=t * 1e6))
-            print("  sweep", rows[-1], flush=True)
+            time_plan(step, plan, step=["prefill", *shape], block_m=bm, block_n=bn, num_warps=warps,
+                      num_stages=stages)
     return rows
 
 

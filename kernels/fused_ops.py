@@ -145,7 +145,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             q, k, cos, sin, q_out, k_out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), seq_len, num_q_heads, num_kv_heads,
             HALF=head_dim // 2, BLOCK_HQ=triton.next_power_of_2(num_q_heads),
-            BLOCK_HK=triton.next_power_of_2(num_kv_heads), DTYPE=_TL_DTYPES[dtype], num_warps=4)
+            BLOCK_HK=triton.next_power_of_2(num_kv_heads), DTYPE=_TL_DTYPES[dtype], num_warps=4,
+            enable_fp_fusion=False)  # no FMA: torch rounds the products before the add (fp32 too)
     return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
 

@@ -156,27 +156,23 @@ def _attend_tile(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
-    for start in range(kv_lo, kv_hi, BLOCK_N // KV_HEADS_TILE):
-        keys = start + columns // KV_HEADS_TILE
-        key_valid = keys < kv_hi
-        if KV_HEADS_TILE > 1:
-            key_valid = key_valid & (column_heads < num_kv_heads)
-        pages = tl.load(table + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
-        offsets = pages * page_stride + (keys % PAGE_SIZE) * token_stride + column_offset
-        k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
-        v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
-        visible = key_valid[None, :] & (keys[None, :] <= positions[:, None])
-        if KV_HEADS_TILE > 1:
-            visible = visible & (column_heads[None, :] == (heads // ratio)[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(scores, 1, tl.standard._elementwise_max))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        m_i = m_new
+    step = BLOCK_N // KV_HEADS_TILE
+    # Key blocks that every row of the tile sees whole (below the causal limit of its first row and below
+    # kv_hi) run without masks; the rest (the causal diagonal, the tail, wide items' head mask) with them.
+    if KV_HEADS_TILE == 1:
+        full_hi = kv_lo + tl.maximum(tl.minimum(kv_hi, causal_base + row_lo // row_heads + 1) - kv_lo, 0) // step * step
+    else:
+        full_hi = kv_lo
+    for start in range(kv_lo, full_hi, step):
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride, token_stride,
+                                      column_offset, columns, column_heads, dims, positions, heads, ratio,
+                                      num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
+                                      False)
+    for start in range(full_hi, kv_hi, step):
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride, token_stride,
+                                      column_offset, columns, column_heads, dims, positions, heads, ratio,
+                                      num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
+                                      True)
 
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -191,6 +187,43 @@ def _attend_tile(
     slot_rows = slots * num_q_heads + heads
     tl.store(part_out_ptr + slot_rows[:, None] * HEAD_DIM + dims[None, :], o, mask=split[:, None])
     tl.store(part_lse_ptr + slot_rows, lse, mask=split)
+
+
+@triton.jit
+def _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride, token_stride, column_offset,
+                  columns, column_heads, dims, positions, heads, ratio, num_kv_heads, qk_scale,
+                  KV_HEADS_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    """Online-softmax update of one key block (base-2 exponentials). MASKED=False: every column is a valid
+    key that every row sees (no masks on the loads or the scores)."""
+    keys = start + columns // KV_HEADS_TILE
+    if MASKED:
+        key_valid = keys < kv_hi
+        if KV_HEADS_TILE > 1:
+            key_valid = key_valid & (column_heads < num_kv_heads)
+        pages = tl.load(table + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
+    else:
+        pages = tl.load(table + keys // PAGE_SIZE).to(tl.int64)
+    offsets = pages * page_stride + (keys % PAGE_SIZE) * token_stride + column_offset
+    if MASKED:
+        k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
+        v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + offsets[:, None] + dims[None, :])
+        v = tl.load(v_ptr + offsets[:, None] + dims[None, :])
+    scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        visible = key_valid[None, :] & (keys[None, :] <= positions[:, None])
+        if KV_HEADS_TILE > 1:
+            visible = visible & (column_heads[None, :] == (heads // ratio)[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.reduce(scores, 1, tl.standard._elementwise_max))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit

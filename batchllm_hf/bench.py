@@ -134,7 +134,8 @@ def bench_workload(w, args, ceilings, device, log, all_results):
     runs = {}  # the engine first: its numbers survive a time limit hit during the slow baselines
     warmups = {}
     for name, change in ABLATIONS.items():
-        if name != "batchllm" and args.skip_ablations:
+        if name != "batchllm" and (args.skip_ablations or (args.ablations and not any(
+                part.strip() in name for part in args.ablations.split(",")))):
             continue
         config = EngineConfig(**{**base.__dict__, **change})
         runs[name] = (lambda c: lambda: run_engine(model, prompts, w.output, c))(config)
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-baselines", action="store_true", help="skip HF generate and generate_batch")
     parser.add_argument("--skip-generate-batch", action="store_true", help="skip only HF generate_batch")
     parser.add_argument("--skip-ablations", action="store_true")
+    parser.add_argument("--ablations", default="", help="comma-separated parts of ablation names to run (default: all)")
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--attention-backend", choices=["triton", "sdpa", "reference"], default=None)

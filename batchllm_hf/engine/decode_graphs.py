@@ -52,7 +52,8 @@ class DecodeGraphs:
         self.plan = None
         if cache.backend == "triton":
             num_q_heads, _, head_dim = cache.num_heads
-            self.plan = allocate_plan(b, 8 * b + 4096, 16 * b + 4096, num_q_heads, head_dim, device, block_m=64)
+            self.plan = allocate_plan(b, 8 * b + 4096, 16 * b + 4096, num_q_heads, head_dim, device, block_m=64,
+                                      num_stages=2)
         self._reset_padding(0, b)
 
     def _reset_padding(self, lo: int, hi: int) -> None:

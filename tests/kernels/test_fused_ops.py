@@ -74,4 +74,5 @@ def test_silu_mul_matches_hf_mlp_activation(dtype):
     gate = (4 * torch.randn(3, 4099, device=DEVICE)).to(dtype)  # not a multiple of the block
     up = torch.randn(3, 4099, device=DEVICE).to(dtype)
     expected = torch.nn.functional.silu(gate) * up
-    torch.testing.assert_close(silu_mul(gate, up), expected, atol=1e-6, rtol=one_ulp(dtype))
+    # silu's exponential differs from torch's by fp32 ulps; rounded twice (silu, product): two ulps at most.
+    torch.testing.assert_close(silu_mul(gate, up), expected, atol=1e-6, rtol=2 * one_ulp(dtype))

@@ -80,7 +80,7 @@ def test_decode_wide_tiles_of_real_head_counts(rows_per_token):
     # heads per key token in a 128-column block; a 2-token chunk of a group of one beside them (one-head items).
     num_kv_heads = 4 if rows_per_token == 28 else 8
     groups = decode_groups([100, 0], 3, 37) + [(70, [(2, 2)])]
-    plan = run_and_compare(groups, rows_per_token, num_kv_heads, 64, torch.bfloat16, chunk=48)
+    plan = run_and_compare(groups, rows_per_token, num_kv_heads, 64, torch.bfloat16, chunk=48, wide=True)
     assert plan.block_m_wide == (64 if rows_per_token == 64 else 32)
     kinds = plan.items[: int(plan.num_items)][:, 0].tolist()
     assert 4 in kinds and 1 in kinds or 3 in kinds
@@ -91,7 +91,7 @@ def test_decode_many_groups_uneven(head_dim):
     groups = [(13 * g + 1, [(1 + 7 * m, 1) for m in range(1 + g % 4)]) for g in range(9)]
     groups += [(0, [(5, 1), (1, 1)]), (None, [(33, 1)])]
     run_and_compare(groups, 4, 1, head_dim, torch.float16, decode=True, seed=head_dim)
-    run_and_compare(groups, 8, 2, head_dim, torch.float16, decode=True, seed=head_dim)
+    run_and_compare(groups, 8, 2, head_dim, torch.float16, decode=True, seed=head_dim, wide=True)
 
 
 @pytest.mark.parametrize("chunk", [16, 48])
@@ -161,9 +161,9 @@ def test_static_plan_buffers_are_reused():
 
 def test_static_plan_coarsens_chunks_to_fit():
     q, k_cache, v_cache, meta = random_paged_step(decode_groups([60], 3, 5), 4, 2, 64, 16, torch.float32, DEVICE)
-    static = allocate_plan(max_tokens=3, max_items=4, max_parts=6, num_q_heads=4, head_dim=64, device=DEVICE)
-    plan_paged_attention(meta, 4, 2, 64, buffers=static, chunk=16)  # chunk 16 would need 7 items
-    assert int(static.num_items) == 4
+    static = allocate_plan(max_tokens=3, max_items=8, max_parts=6, num_q_heads=4, head_dim=64, device=DEVICE)
+    plan_paged_attention(meta, 4, 2, 64, buffers=static, chunk=16)  # chunk 16 would need 7 items per KV head
+    assert int(static.num_items) == 8  # chunk 64: (1 prefix + 3 own) items x 2 KV heads
     out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=static, force_triton=True)
     ref_out, ref_lse = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)

@@ -1,6 +1,7 @@
 """Work decomposition for the shared-prefix Triton attention (kernels/shared_prefix_triton.py).
 
-One engine step (kernels/paged.py contract) is cut into WORK ITEMS, each one program per KV head:
+One engine step (kernels/paged.py contract) is cut into WORK ITEMS, one program each (a 1-D grid; an item
+names its KV head):
 
     prefix item  a run of consecutive sequences of one group (the engine keeps a group's members together),
                  a tile of BLOCK_M of its rows, one KV chunk of the group prefix. Rows are
@@ -8,6 +9,11 @@ One engine step (kernels/paged.py contract) is cut into WORK ITEMS, each one pro
                  tokens and all query heads sharing the KV head fill one tensor-core tile and the prefix
                  chunk is read once for the whole tile (once per group when the group fits one tile).
     own item     one sequence, a tile of its rows, one KV chunk of its own KV (causal).
+    wide item    (opt-in, `wide=True`) a decode-sized row set, i.e. at most one token's query heads of all
+                 KV heads (rows = token * Hq + head): one program reads each key token's KV heads as one
+                 contiguous run and masks the scores of other heads. On an H200 it was slower than
+                 one-head items on most decode steps (benchmarks/results/2026-11-29-session3) and won
+                 only with groups of 1-4 and long own KV (about 10%), so plans leave it off by default.
 
 Each KV range is cut into chunks of `chunk` tokens (flash-decoding split) so that a step of few, long
 sequences still fills the GPU; `chunk` is chosen per step from the total work, and the items are sorted
@@ -21,10 +27,10 @@ skips that sync: the plan then reaches the device in one non-blocking copy from 
 CUDA graphs: allocate a static plan once with `allocate_plan(...)` (capacities for the captured batch),
 then before each replay call `plan_paged_attention(..., buffers=static_plan)`, which copies the step's
 plan into those buffers (device copies only; it coarsens the KV chunks until the step fits and raises
-ValueError if even unsplit it does not). A static plan launches a fixed grid of `num_programs` x Hkv
-programs (default 2 per SM) that loop over the step's items, so generous capacities cost no idle
-programs. Sizing for a captured decode batch of N sequences in G groups of B: max_tokens = N,
-max_items >= N + G * ceil(B * ratio / block_m) (unsplit) plus headroom for KV splits (e.g. + 4 * SMs),
+ValueError if even unsplit it does not). A static plan launches a fixed grid of `num_programs` programs
+(default 8 per SM) that loop over the step's items, so generous capacities cost no idle programs.
+Sizing for a captured decode batch of N sequences in G groups of B: max_tokens = N,
+max_items >= Hkv * (N + G * ceil(B * ratio / block_m)) (unsplit) plus headroom for KV splits,
 max_parts >= 2 * N (prefix + own) plus headroom. The tile sizes of a static plan are fixed (block_m for
 the largest group: 64 suits B * ratio >= 64; row sets of <= 16 rows always take 16-row tiles).
 The graph also captures the metadata tensors' addresses: keep them static and copy each step into them.

@@ -39,6 +39,22 @@ def test_fused_model_matches_hf_and_restores(kind):
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+def test_fused_model_qwen3_norms_its_queries_and_keys_too():
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 160, (2, 7))
+    with torch.inference_mode():
+        expected = model(ids).logits
+        with fused_ops(model, force=True) as swapped:
+            assert swapped == 2 * 5 + 1 + 1  # per layer: 2 norms, q_norm, k_norm, MLP; final norm; rotary
+            got = model(ids).logits
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
 def test_fused_model_restores_after_error_and_leaves_replaced_forwards():
     model, _ = model_pair(tiny_config("llama"))
     hooked = model.model.norm

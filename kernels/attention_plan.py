@@ -101,9 +101,9 @@ def tile_config(max_prefix_rows: int, max_own_rows: int, head_dim: int,
         return block_m, block_m_own, 32, 4, 3
     if block_m_own >= 128:  # prefill chunks: 1183 us vs 1233 (64 keys, 8 warps) at P=8192, 4 x 512 tokens
         return block_m, block_m_own, 32, 4, 3
-    if block_m >= 128:  # decode, large groups: 230 us vs 255 (64 keys, 8 warps) at B=256, GQA 8
-        return block_m, block_m_own, 128, 8, 3
-    # decode: 2 stages beat 3 by 10% with 32-256 members per group and lost 1-4% elsewhere (sweep of 6 steps)
+    # decode, any group size: 64 keys, 4 warps, 2 stages. Session 3's sweep (one-head items): 155 us against
+    # 231 for (128 keys, 8 warps, 3 stages) with 8 groups of 32 (128-row prefix tiles), 191 against 244 with
+    # one group of 256 (GQA 8); 2 stages beat 3 by 10% with 32-256 members and lost 1-4% elsewhere.
     return block_m, block_m_own, 64, 4, 2
 
 

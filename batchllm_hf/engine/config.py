@@ -20,6 +20,9 @@ class EngineConfig:
     cluster:             group prompts by shared prefix (off: every prompt is a group of one).
     min_prefix_len:      shortest prefix worth a group (tokens); None = one page.
     cuda_graphs:         capture decode-only steps as CUDA graphs (ignored on CPU).
+    max_graph_batch:     the largest decode step (sequences) captured as a graph, as sizes 1, 2, 4, ... up to it;
+                         larger decode steps run eagerly. Each captured size keeps its own buffers (a size of
+                         1024 holds about 1 GB of logits for a 128k vocabulary).
     attention_backend:   "triton", "sdpa" or "reference" (kv_pool.PagedCache); None picks the fastest here.
     overlap_steps:       launch step N+1 before reading step N's tokens back (same outputs; off: one step at
                          a time, the host idle while the device runs and the other way round).
@@ -38,6 +41,7 @@ class EngineConfig:
     cluster: bool = True
     min_prefix_len: int | None = None
     cuda_graphs: bool = True
+    max_graph_batch: int = 256
     attention_backend: str | None = None
     overlap_steps: bool = True
     fused_ops: bool = True
@@ -53,6 +57,8 @@ class EngineConfig:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}.")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1 or None, got {self.max_num_seqs}.")
+        if self.max_graph_batch < 1:
+            raise ValueError(f"max_graph_batch must be >= 1, got {self.max_graph_batch}.")
         if self.attention_backend not in (None, "triton", "sdpa", "reference"):
             raise ValueError(f"attention_backend must be None, 'triton', 'sdpa' or 'reference', got "
                              f"{self.attention_backend!r}.")

@@ -31,7 +31,7 @@ from ..kernels import allocate_plan
 class DecodeGraphs:
     def __init__(self, model, cache: PagedCache, forward, max_size: int, table_width: int, capture: bool):
         self.model, self.cache, self.forward = model, cache, forward
-        self.sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256) if s < max_size] + [max_size]
+        self.sizes = [1 << i for i in range(max_size.bit_length()) if 1 << i < max_size] + [max_size]
         self.table_width = table_width
         self.capture = capture
         self.enabled = True

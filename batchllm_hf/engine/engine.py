@@ -96,7 +96,7 @@ class Engine:
         runner = ModelRunner(self.model, cache, shared_prefix=self.config.use_shared_prefix)
         if (self.decode_graphs is None and self.config.cuda_graphs and cache.backend == "triton"
                 and self.model.device.type == "cuda"):
-            max_size = min(256, self.config.max_batch_tokens)
+            max_size = min(self.config.max_graph_batch, self.config.max_batch_tokens)
             width = min(cache.num_pages, self.model.config.get_text_config().max_position_embeddings
                         // cache.page_size + 1)
             self.decode_graphs = DecodeGraphs(self.model, cache, runner.forward, max_size, width, capture=True)

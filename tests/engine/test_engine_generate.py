@@ -171,6 +171,17 @@ def test_decode_graph_static_buffers_match(shared, backend):
     assert calls and set(calls) - {1, 2, 4, 8}  # padded sizes were used (n below a captured size)
 
 
+def test_decode_graph_sizes_follow_max_graph_batch():
+    from batchllm_hf.engine.decode_graphs import DecodeGraphs
+
+    model = tiny_model("llama")
+    cache = Engine(model, EngineConfig(page_size=4, num_pages=64))._kv_cache()
+    sizes = {n: DecodeGraphs(model, cache, None, max_size=n, table_width=8, capture=False).sizes for n in (1, 6, 1024)}
+    assert sizes == {1: [1], 6: [1, 2, 4, 6], 1024: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]}
+    with pytest.raises(ValueError, match="max_graph_batch"):
+        EngineConfig(max_graph_batch=0)
+
+
 def sampled(max_new_tokens, **kwargs):
     from transformers import GenerationConfig
 

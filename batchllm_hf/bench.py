@@ -137,7 +137,7 @@ def bench_workload(w, args, ceilings, device, log, all_results):
     warmups = {}
     for name, change in ABLATIONS.items():
         if name != "batchllm" and (args.skip_ablations or (args.ablations and not any(
-                part.strip() in name for part in args.ablations.split(",")))):
+                part.strip() in name for part in args.ablations.split(",") if part.strip()))):
             continue
         config = EngineConfig(**{**base.__dict__, **change})
         runs[name] = (lambda c: lambda: run_engine(model, prompts, w.output, c))(config)

@@ -75,6 +75,7 @@ class PagedAttentionPlan:
     block_n: int
     block_m_wide: int          # rows per wide tile ((token, query head) pairs of all KV heads)
     block_n_wide: int          # columns per wide KV block ((key token, KV head) pairs)
+    has_wide: bool             # the plan may hold wide items (else the kernel is compiled without them)
     num_warps: int
     num_stages: int
     needs_merge: bool          # False only when no token has several partials (merge launch skipped)
@@ -118,13 +119,14 @@ def _next_power_of_2(n: int) -> int:
 
 def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: int, head_dim: int,
                   device: torch.device | str, *, block_m: int = 16, block_m_own: int = 16, block_n: int = 64,
-                  block_m_wide: int | None = None, block_n_wide: int | None = None,
+                  block_m_wide: int | None = None, block_n_wide: int | None = None, wide: bool = False,
                   num_warps: int = 4, num_stages: int = 3, num_programs: int | None = None) -> PagedAttentionPlan:
     """Static buffers for CUDA-graph capture (fill them with `plan_paged_attention(..., buffers=plan)`).
 
     The kernel's grid has `num_programs` programs whatever max_items is (default: 8 per SM of the device),
-    each looping over the step's items, so a generous capacity costs no idle programs. block_m_wide /
-    block_n_wide default to `wide_tiles(num_q_heads, head_dim)`."""
+    each looping over the step's items, so a generous capacity costs no idle programs. `wide`: the plan may
+    take wide items (plan with wide=True too); block_m_wide / block_n_wide default to
+    `wide_tiles(num_q_heads, head_dim)`."""
     default_m_wide, default_n_wide = wide_tiles(num_q_heads, head_dim)
     if num_programs is None:
         device = torch.device(device)
@@ -138,7 +140,7 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
         part_out=torch.empty((max(max_parts, 1), num_q_heads, head_dim), dtype=torch.float32, device=device),
         part_lse=torch.empty((max(max_parts, 1), num_q_heads), dtype=torch.float32, device=device),
         block_m=block_m, block_m_own=block_m_own, block_n=block_n, block_m_wide=block_m_wide or default_m_wide,
-        block_n_wide=block_n_wide or default_n_wide, num_warps=num_warps, num_stages=num_stages,
+        block_n_wide=block_n_wide or default_n_wide, has_wide=wide, num_warps=num_warps, num_stages=num_stages,
         needs_merge=True, num_programs=min(num_programs, max_items),
     )
 
@@ -210,7 +212,8 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         bmw, bnw = buffers.block_m_wide, buffers.block_n_wide
     else:
         bmw, bnw = wide_tiles(num_q_heads, head_dim)
-    can_wide = wide and num_kv_heads > 1 and _next_power_of_2(num_kv_heads) <= bnw
+    can_wide = (wide and num_kv_heads > 1 and _next_power_of_2(num_kv_heads) <= bnw
+                and (buffers is None or buffers.has_wide))
     run_wide = can_wide & (run_tokens * num_q_heads <= bmw)
     own_wide = can_wide & (own_tokens * num_q_heads <= bmw)
     if buffers is None:  # the smallest wide tile that holds this step's wide row sets
@@ -326,6 +329,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     if buffers is None:
         buffers = allocate_plan(num_tokens, items.shape[0], num_part_slots, num_q_heads, head_dim, device,
                                 block_m=bm, block_m_own=bmo, block_n=bn, block_m_wide=bmw, block_n_wide=bnw,
+                                wide=bool(run_wide.any() or own_wide.any()),
                                 num_warps=warps, num_stages=stages,
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0

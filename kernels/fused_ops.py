@@ -9,7 +9,8 @@ one launch.
 Numerics follow HF's formulas operation by operation: every intermediate that torch rounds to the
 activation dtype (bf16 x bf16 products, the cast before RMSNorm's weight, silu's output) is rounded here
 too. Outputs match HF's bit for bit except where the fp32 math itself differs: RMSNorm's mean (another
-summation order) and the exponential in silu; both are a few fp32 ulps, below one bf16 ulp almost always.
+summation order) and reciprocal square root, and the exponential in silu; those are a few fp32 ulps, below
+one bf16 ulp almost always (the tests allow one ulp, two for silu's double rounding).
 
 The torch references (`*_reference`) are HF's formulas; tests compare both with HF's own modules.
 Inference only (no backward). The engine swaps them in through batchllm_hf/engine/fused_model.py.
@@ -48,7 +49,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps,
     x = tl.load(x_ptr + row * stride_x + cols, mask=valid, other=0.0).to(tl.float32)
     # tl.reduce with the standard combiner: what tl.sum compiles to, and safe under the CPU interpreter.
     variance = tl.reduce(x * x, 0, tl.standard._sum_combine) / n_cols
-    normed = _round(x / tl.sqrt(variance + eps), INPUT_DTYPE)  # HF: hidden.to(input_dtype)
+    normed = _round(x * tl.math.rsqrt(variance + eps), INPUT_DTYPE)  # HF: hidden.to(input_dtype)
     w = tl.load(w_ptr + cols, mask=valid, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, _round(w * normed, OUT_DTYPE).to(OUT_DTYPE), mask=valid)
 
@@ -56,6 +57,9 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps,
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm, `weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)` over the last dim, in one launch."""
     n_cols = x.shape[-1]
+    if x.dtype not in _TL_DTYPES or weight.dtype not in _TL_DTYPES:
+        raise ValueError(f"rms_norm takes fp16, bf16 or fp32; got {x.dtype} and weight {weight.dtype}.")
+    weight = weight.contiguous()
     if weight.shape != (n_cols,):
         raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}.")
     rows = x.reshape(-1, n_cols)
@@ -130,8 +134,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         raise ValueError(f"rotary expects q (B, Hq, T, D), k (B, Hkv, T, D) and cos/sin (B, T, D) with D/2 a power "
                          f"of two; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(cos.shape)}.")
     dtype = torch.promote_types(q.dtype, cos.dtype)
-    if k.dtype != q.dtype or sin.dtype != cos.dtype:
-        raise ValueError("q and k, and cos and sin, must share dtypes.")
+    if k.dtype != q.dtype or sin.dtype != cos.dtype or dtype not in _TL_DTYPES:
+        raise ValueError("q and k, and cos and sin, must share dtypes, among fp16/bf16/fp32.")
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -174,8 +178,8 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr, DTYPE: t
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` (HF's SwiGLU activation) in one launch."""
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"gate and up must share shape and dtype; got {tuple(gate.shape)} {gate.dtype} and "
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.dtype not in _TL_DTYPES:
+        raise ValueError(f"gate and up must share shape and a dtype among fp16/bf16/fp32; got {tuple(gate.shape)} {gate.dtype} and "
                          f"{tuple(up.shape)} {up.dtype}.")
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)

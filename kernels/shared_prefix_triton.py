@@ -16,6 +16,7 @@ descriptions, no code copied.
                 chunk sees own positions <= own_len - q_len + i).
               wide item (opt-in): one decode token's query heads of every KV head; columns are (key token,
                 KV head) pairs, so a key token's heads are one contiguous read; other heads' scores masked.
+                Compiled only into launches whose plan may hold wide items (HAS_WIDE).
             Row sets of <= 16 rows (decode tokens) use a 16-row tile, larger ones the step's BLOCK_M (one
             compiled branch each), so decode tokens mixed into a prefill step waste no MMA rows.
             Query heads sharing a KV head are folded into rows (row = token * ratio + head), so any GQA
@@ -45,9 +46,10 @@ session 1's kernel passed the same tests on CUDA and the real-shape checks of be
 --check; session 2's (grid-stride loop, 16-row tiles) gave tokens identical to HF generate for 17 of 17
 prompts in fp32 inside the engine (benchmarks/engine_gpu_check.py, eager and CUDA-graph decode); session 3's
 1-D grid with wide items did too (17 / 17, fp32, wide items on by default then), and its quick grid matched
-SDPA within 4e-3 (bf16) on every row. The last two changes of session 3 (the unmasked main loop, 2-stage decode
-tiles) ran on the H200 only inside the engine benchmark and the tile sweep, which time but do not compare
-outputs; their correctness rests on the CPU tests.
+SDPA within 4e-3 (bf16) on every row. The later changes of session 3 (the unmasked main loop and 2-stage decode
+tiles: run on the H200 only inside the engine benchmark and the tile sweep, which time but do not compare
+outputs; the HAS_WIDE gate and 64-key tiles for large decode groups: not run on a GPU at all) rest on the
+CPU tests for their correctness.
 Measured (bf16, Hkv 8, D 128, 256 requests, page 16; benchmarks/results/2026-11-29-session3): decode at
 P=2048 reads its must-read bytes at 51% of copy bandwidth with groups of 32 and own length 256 (tile sweep;
 in the quick grid one-head items took 160 us against SDPA's 878 us on duplicated KV, 5.5x), 73% with own
@@ -78,7 +80,7 @@ def _partial_attention_kernel(
     stride_ot, stride_oh, stride_own_pages, stride_prefix_pages,
     ratio, num_q_heads, num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     # Grid-stride over the items: one item per program for a plan made for this step (grid = its items),
@@ -105,10 +107,12 @@ def _partial_attention_kernel(
         # columns = (key token, KV head), so each key token's heads are one contiguous read. Small items
         # (bit 1): decode-sized row sets of one KV head in a 16-row tile. Else the step's large tiles.
         if kind >= 4:
-            _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
-                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
-                         stride_ot, stride_oh, 0, num_q_heads, ratio, num_q_heads, num_kv_heads, qk_scale,
-                         HEAD_DIM, BLOCK_M_WIDE, BLOCK_N_WIDE, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
+            if HAS_WIDE:  # compiled only for plans that hold wide items
+                _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields,
+                             table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
+                             head_stride, stride_ot, stride_oh, 0, num_q_heads, ratio, num_q_heads, num_kv_heads,
+                             qk_scale, HEAD_DIM, BLOCK_M_WIDE, BLOCK_N_WIDE, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION,
+                             DOT_DTYPE)
         elif kind >= 2:
             _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
                          num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
@@ -333,7 +337,7 @@ def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, pref
         own_pages.stride(0), prefix_pages.stride(0), num_q_heads // num_kv_heads, num_q_heads, num_kv_heads,
         scaling * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_M_PREFIX=plan.block_m, BLOCK_M_OWN=plan.block_m_own, BLOCK_M_WIDE=plan.block_m_wide,
-        BLOCK_N=plan.block_n, BLOCK_N_WIDE=plan.block_n_wide, KV_HEADS_TILE=min(triton.next_power_of_2(num_kv_heads), plan.block_n_wide),
+        BLOCK_N=plan.block_n, BLOCK_N_WIDE=plan.block_n_wide, KV_HEADS_TILE=min(triton.next_power_of_2(num_kv_heads), plan.block_n_wide), HAS_WIDE=plan.has_wide,
         PAGE_SIZE=page_size,
         NUM_FIELDS=NUM_FIELDS, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # The CPU interpreter (triton 3.9) computes bf16 dots wrongly: there, dots run in fp32 on the same

@@ -36,6 +36,7 @@ class DecodeGraphs:
         self.capture = capture
         self.enabled = True
         self.error: str | None = None  # why graphs were turned off, if they were
+        self.plan_misses = 0  # decode steps that ran eagerly because they did not fit the static plan
         self.graphs: dict[int, tuple] = {}
         self.checked: set[int] = set()
         b, device, i32 = max_size, model.device, torch.int32
@@ -52,8 +53,11 @@ class DecodeGraphs:
         self.plan = None
         if cache.backend == "triton":
             num_q_heads, _, head_dim = cache.num_heads
-            self.plan = allocate_plan(b, 8 * b + 4096, 16 * b + 4096, num_q_heads, head_dim, device, block_m=64,
-                                      num_stages=2)
+            num_kv_heads = cache.num_heads[1]
+            # Unsplit, a decode step has at most 2 items (own + prefix tile) per sequence and KV head; the
+            # headroom takes KV splits (the plan coarsens them until the step fits).
+            self.plan = allocate_plan(b, 2 * num_kv_heads * b + 4096, 16 * b + 4096, num_q_heads, head_dim, device,
+                                      block_m=64, num_stages=2)
         self._reset_padding(0, b)
 
     def _reset_padding(self, lo: int, hi: int) -> None:
@@ -109,7 +113,11 @@ class DecodeGraphs:
                 plan_attention(np.arange(b + 1), np.concatenate([host.own_lens, np.ones(pad, dtype=np.int64)]),
                                np.concatenate([host.seq_group, np.full(pad, -1, dtype=np.int64)]), host.prefix_lens,
                                *self.cache.num_heads, self.model.device, buffers=self.plan)
-            except ValueError:
+            except ValueError as error:  # the step does not fit the static plan: this one runs eagerly
+                if not self.plan_misses:
+                    warnings.warn(f"a decode step of {n} sequences did not fit the CUDA graphs' static attention "
+                                  f"plan ({error}); such steps run eagerly.")
+                self.plan_misses += 1
                 return None
         if not self.capture:
             return self._run_static(b, static)[:n]

@@ -11,9 +11,11 @@ Known classes: those whose forward is exactly HF's Llama formula (Llama, Qwen2, 
 (Gemma's 1 + weight norm, biased or non-SiLU MLPs, partial rotary) are left as they are, as is a module
 whose forward something else already replaced (accelerate hooks). On exit everything is put back, even
 after an error. Tensors that need gradients, or are not on a device where the kernels run, take HF's
-own path. The engine enters this around a whole generate call (EngineConfig.fused_ops); the rotary
-swap is a module global, so another model of the same architecture running in another thread at the
-same time would take the fused path too (same results).
+own path, as do shapes and dtypes the kernels do not take (head_dim / 2 not a power of two, fp64). The
+engine enters this around a whole generate call (EngineConfig.fused_ops); the rotary swap is a module
+global, so another model of the same architecture running in another thread at the same time would take
+the fused path too (same results). On exit only what is still this block's own is put back: a forward or
+function someone else installed inside the block stays.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ _MLP_CLASSES = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"}
 _ROTARY_MODULES = {f"transformers.models.{name}.modeling_{name}" for name in ("llama", "qwen2", "qwen3", "mistral")}
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _runs_here(x: torch.Tensor, force: bool) -> bool:
-    return (x.is_cuda or force) and not (torch.is_grad_enabled() and x.requires_grad)
+    """Inference only (the kernels have no backward: with gradients on, HF's path keeps weights' grads)."""
+    return (x.is_cuda or force) and not torch.is_grad_enabled() and x.dtype in _DTYPES
 
 
 def _norm_forward(module, force):
@@ -60,8 +66,12 @@ def _mlp_forward(module, force):
 
 def _rotary_function(original, force):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
-        if (unsqueeze_dim != 1 or kwargs or cos.dim() != 3 or cos.shape[-1] != q.shape[-1]
-                or not _runs_here(q, force) or k.requires_grad):
+        half = q.shape[-1] // 2
+        if (unsqueeze_dim != 1 or kwargs or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3
+                or cos.shape[-1] != q.shape[-1] or q.shape[-1] % 2 or half & (half - 1)
+                or cos.shape[0] not in (1, q.shape[0]) or cos.shape != sin.shape
+                or k.dtype != q.dtype or sin.dtype != cos.dtype or cos.dtype not in _DTYPES
+                or not _runs_here(q, force)):
             return original(q, k, cos, sin, unsqueeze_dim, **kwargs)
         from ..kernels.fused_ops import rotary
 
@@ -71,11 +81,30 @@ def _rotary_function(original, force):
     return apply_rotary_pos_emb
 
 
+def _from_transformers(module) -> bool:
+    """A class of transformers' own modeling code (a remote-code class may reuse a name with another formula)."""
+    return type(module).__module__.startswith("transformers.models.")
+
+
 def _swappable_mlp(module) -> bool:
     config = getattr(module, "config", None)
     act = getattr(config, "hidden_act", None)
     return (act in ("silu", "swish") and all(getattr(module, name, None) is not None
                                              for name in ("gate_proj", "up_proj", "down_proj")))
+
+
+def _restore_forward(module, installed):
+    def undo():
+        if module.__dict__.get("forward") is installed:  # still ours: someone else's stays
+            del module.__dict__["forward"]
+    return undo
+
+
+def _restore_rotary(modeling, installed, original):
+    def undo():
+        if getattr(modeling, "apply_rotary_pos_emb", None) is installed:
+            modeling.apply_rotary_pos_emb = original
+    return undo
 
 
 @contextlib.contextmanager
@@ -89,19 +118,21 @@ def fused_ops(model: torch.nn.Module, *, enabled: bool = True, force: bool = Fal
                 name = type(module).__name__
                 if "forward" in module.__dict__:  # already replaced by someone else: leave it
                     continue
+                if not _from_transformers(module):
+                    continue
                 if name in _NORM_CLASSES and hasattr(module, "variance_epsilon"):
                     module.forward = _norm_forward(module, force)
                 elif name in _MLP_CLASSES and _swappable_mlp(module):
                     module.forward = _mlp_forward(module, force)
                 else:
                     continue
-                undo.append(lambda m=module: m.__dict__.pop("forward", None))
+                undo.append(_restore_forward(module, module.forward))
                 if type(module).__module__ in _ROTARY_MODULES:
                     modeling = sys.modules[type(module).__module__]
                     current = getattr(modeling, "apply_rotary_pos_emb", None)
                     if current is not None and not hasattr(current, "batchllm_original"):
-                        modeling.apply_rotary_pos_emb = _rotary_function(current, force)
-                        undo.append(lambda mod=modeling, f=current: setattr(mod, "apply_rotary_pos_emb", f))
+                        fused = modeling.apply_rotary_pos_emb = _rotary_function(current, force)
+                        undo.append(_restore_rotary(modeling, fused, current))
         yield len(undo)
     finally:
         for step in reversed(undo):

@@ -306,3 +306,20 @@ def test_a_step_reads_nothing_back_from_the_device(monkeypatch, static):
     outputs = engine.generate(prompts, greedy(4))
     assert [o.token_ids for o in outputs] == expected
     assert not static or len(calls) >= 3
+
+
+def test_decode_graph_static_plan_holds_a_full_batch_of_groups_of_one():
+    # Items carry one KV head each: a captured batch of sequences that each have their own prefix needs
+    # 2 items per sequence and KV head unsplit. With 8 KV heads (MHA) the static plan must still take it.
+    import numpy as np
+
+    from batchllm_hf.engine.decode_graphs import DecodeGraphs
+    from batchllm_hf.kernels.attention_plan import plan_attention
+
+    model = tiny_model("llama", num_kv_heads=8, ratio=1, head_dim=16)
+    cache = Engine(model, EngineConfig(page_size=4, num_pages=64, attention_backend="triton"))._kv_cache()
+    b = 1024
+    graphs = DecodeGraphs(model, cache, None, max_size=b, table_width=8, capture=False)
+    plan_attention(np.arange(b + 1), np.full(b, 300), np.arange(b), np.full(b, 2000), *cache.num_heads,
+                   model.device, buffers=graphs.plan, num_sms=132)
+    assert int(graphs.plan.num_items) >= 2 * 8 * b

@@ -129,3 +129,39 @@ def test_engine_with_fused_kernels_matches_hf_generate(kind, monkeypatch):
     assert [o.token_ids for o in outputs] == [hf_generate(model, p, greedy(m)) for p, m in zip(prompts, max_new)]
     assert modeling.apply_rotary_pos_emb is original_rotary
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_fused_model_falls_back_for_shapes_the_kernels_do_not_take():
+    # head_dim 48: half of it is not a power of two, so rotary takes HF's path; norms and MLPs stay fused.
+    model, _ = model_pair(tiny_config("llama", num_kv_heads=2, ratio=2, head_dim=48))
+    ids = torch.randint(3, 160, (1, 5))
+    with torch.inference_mode():
+        expected = model(ids).logits
+        with fused_ops(model, force=True):
+            got = model(ids).logits
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_fused_model_keeps_what_others_install_inside_the_block():
+    class LlamaRMSNorm(torch.nn.Module):  # a remote-code class with a known name but its own formula
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(4))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return x
+
+    model, _ = model_pair(tiny_config("llama"))
+    model.extra = LlamaRMSNorm()
+    layer_norm = model.model.layers[0].input_layernorm
+    original_rotary = modeling_llama.apply_rotary_pos_emb
+    try:
+        with fused_ops(model, force=True):
+            assert "forward" not in model.extra.__dict__  # not transformers' class: left alone
+            layer_norm.forward = theirs = lambda x: x  # e.g. a hook installed while the engine runs
+            modeling_llama.apply_rotary_pos_emb = their_rotary = lambda *a, **k: None
+        assert layer_norm.__dict__["forward"] is theirs
+        assert modeling_llama.apply_rotary_pos_emb is their_rotary
+    finally:
+        modeling_llama.apply_rotary_pos_emb = original_rotary

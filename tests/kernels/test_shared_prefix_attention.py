@@ -144,15 +144,18 @@ def test_group_members_not_contiguous():
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
 
 
-def test_static_plan_buffers_are_reused():
+@pytest.mark.parametrize("wide", [False, True])
+def test_static_plan_buffers_are_reused(wide):
     # CUDA-graph usage: one static plan, refilled for two different steps, larger than either needs.
-    # 3 programs per KV head loop over all items (the grid of a static plan does not grow with max_items).
+    # 3 programs loop over all items (the grid of a static plan does not grow with max_items). Wide items
+    # only where the static plan was made for them (its kernel is compiled with or without them).
     static = allocate_plan(max_tokens=16, max_items=64, max_parts=64, num_q_heads=4, head_dim=64, device=DEVICE,
-                           block_m=16, num_programs=3)
+                           block_m=16, num_programs=3, wide=wide)
     for seed, groups in enumerate([decode_groups([60], 3, 5), decode_groups([7, 300], 2, 40)]):
         q, k_cache, v_cache, meta = random_paged_step(groups, 4, 2, 64, 16, torch.float32, DEVICE, seed)
-        plan = plan_paged_attention(meta, 4, 2, 64, buffers=static, chunk=64)
+        plan = plan_paged_attention(meta, 4, 2, 64, buffers=static, chunk=64, wide=True)
         assert plan is static and int(plan.num_items) > plan.num_programs
+        assert (4 in plan.items[: int(plan.num_items), 0].tolist()) == wide
         out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
         ref_out, ref_lse = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
         torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)

@@ -15,6 +15,7 @@ runs eagerly.
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
@@ -37,6 +38,7 @@ class DecodeGraphs:
         self.enabled = True
         self.error: str | None = None  # why graphs were turned off, if they were
         self.plan_misses = 0  # decode steps that ran eagerly because they did not fit the static plan
+        self.setup_seconds = 0.0  # host time spent capturing graphs and checking their first replays
         self.graphs: dict[int, tuple] = {}
         self.checked: set[int] = set()
         b, device, i32 = max_size, model.device, torch.int32
@@ -122,6 +124,7 @@ class DecodeGraphs:
         if not self.capture:
             return self._run_static(b, static)[:n]
         try:
+            start = time.perf_counter()
             if b not in self.graphs:
                 self._capture(b, static)
             graph, logits = self.graphs[b]
@@ -133,6 +136,7 @@ class DecodeGraphs:
                 if not torch.allclose(out.float(), eager.float(), atol=tolerance, rtol=0):
                     raise RuntimeError(f"graph replay of batch size {b} differs from eager")
                 self.checked.add(b)
+                self.setup_seconds += time.perf_counter() - start
             return out
         except Exception as error:  # any capture/replay problem: keep the engine correct, drop the speed-up
             self.error = f"{type(error).__name__}: {error}"

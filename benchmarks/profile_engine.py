@@ -4,7 +4,9 @@
 
 Per workload: a warm-up run, then (1) a timed run split into engine construction and the step loop, with
 every step synchronized and classed as decode-only or mixed, and (2) a cProfile of one more run (top
-functions by own time written to DIR/profile_<workload>.txt).
+functions by own time written to DIR/profile_<workload>.txt). With --kernels instead: GPU time per kernel
+and per category (matmul, our attention, our fused glue kernels, other) of 5 eager decode steps and 2
+mixed (prefill) steps.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def _category(name: str) -> str:
         return "attention (ours)"
     if any(key in lowered for key in ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas")):
         return "matmul"
-    if "rms" in lowered or "silu" in lowered:
-        return "fused norm / act (ours)"
+    if name.startswith(("_rms_norm_kernel", "_rotary_kernel", "_silu_mul_kernel")):
+        return "fused norm / rotary / act (ours)"
     return "other (elementwise, copies)"
 
 

@@ -15,13 +15,15 @@ own path, as do shapes and dtypes the kernels do not take (head_dim / 2 not a po
 engine enters this around a whole generate call (EngineConfig.fused_ops); the rotary swap is a module
 global, so another model of the same architecture running in another thread at the same time would take
 the fused path too (same results). On exit only what is still this block's own is put back: a forward or
-function someone else installed inside the block stays.
+function someone else installed inside the block stays. If a kernel raises (say, it does not compile on
+some device), the block warns once and HF's ops run for the rest of it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 
 import torch
 
@@ -33,49 +35,75 @@ _ROTARY_MODULES = {f"transformers.models.{name}.modeling_{name}" for name in ("l
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _runs_here(x: torch.Tensor, force: bool) -> bool:
-    """Inference only (the kernels have no backward: with gradients on, HF's path keeps weights' grads)."""
-    return (x.is_cuda or force) and not torch.is_grad_enabled() and x.dtype in _DTYPES
+class _Swap:
+    """What one `fused_ops` block shares: whether to run off CUDA, and whether a kernel has failed (then
+    every swapped call takes HF's path for the rest of the block, after one warning)."""
+
+    def __init__(self, force: bool):
+        self.force = force
+        self.error: str | None = None
+
+    def runs(self, x: torch.Tensor) -> bool:
+        """Inference only (the kernels have no backward: with gradients on, HF's path keeps weights' grads)."""
+        return (self.error is None and (x.is_cuda or self.force) and not torch.is_grad_enabled()
+                and x.dtype in _DTYPES)
+
+    def call(self, fused, original, *args):
+        try:
+            return fused(*args)
+        except Exception as error:  # e.g. a kernel that does not compile here: keep going on HF's path
+            self.error = f"{type(error).__name__}: {error}"
+            warnings.warn(f"fused kernels turned off for this run ({self.error}); HF's own ops run instead.")
+            return original(*args)
 
 
-def _norm_forward(module, force):
+def _norm_forward(module, swap: _Swap):
     original = module.forward
 
-    def forward(hidden_states):
-        if not _runs_here(hidden_states, force):
-            return original(hidden_states)
+    def fused(hidden_states):
         from ..kernels.fused_ops import rms_norm
 
         return rms_norm(hidden_states, module.weight, module.variance_epsilon)
 
+    def forward(hidden_states):
+        if not swap.runs(hidden_states):
+            return original(hidden_states)
+        return swap.call(fused, original, hidden_states)
+
     return forward
 
 
-def _mlp_forward(module, force):
+def _mlp_forward(module, swap: _Swap):
     original = module.forward
 
-    def forward(x):
-        if not _runs_here(x, force):
-            return original(x)
+    def fused(x):
         from ..kernels.fused_ops import silu_mul
 
         return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
 
+    def forward(x):
+        if not swap.runs(x):
+            return original(x)
+        return swap.call(fused, original, x)
+
     return forward
 
 
-def _rotary_function(original, force):
+def _rotary_function(original, swap: _Swap):
+    def fused(q, k, cos, sin):
+        from ..kernels.fused_ops import rotary
+
+        return rotary(q, k, cos, sin)
+
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
         half = q.shape[-1] // 2
         if (unsqueeze_dim != 1 or kwargs or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3
                 or cos.shape[-1] != q.shape[-1] or q.shape[-1] % 2 or half & (half - 1)
                 or cos.shape[0] not in (1, q.shape[0]) or cos.shape != sin.shape
                 or k.dtype != q.dtype or sin.dtype != cos.dtype or cos.dtype not in _DTYPES
-                or not _runs_here(q, force)):
+                or not swap.runs(q)):
             return original(q, k, cos, sin, unsqueeze_dim, **kwargs)
-        from ..kernels.fused_ops import rotary
-
-        return rotary(q, k, cos, sin)
+        return swap.call(fused, original, q, k, cos, sin)
 
     apply_rotary_pos_emb.batchllm_original = original
     return apply_rotary_pos_emb
@@ -112,6 +140,7 @@ def fused_ops(model: torch.nn.Module, *, enabled: bool = True, force: bool = Fal
     """Swap in the fused kernels for the duration of the block (see the module docstring). `force` runs
     them on any device (the CPU tests, under TRITON_INTERPRET=1); otherwise CUDA tensors only."""
     undo = []
+    swap = _Swap(force)
     try:
         if enabled:
             for module in model.modules():
@@ -121,9 +150,9 @@ def fused_ops(model: torch.nn.Module, *, enabled: bool = True, force: bool = Fal
                 if not _from_transformers(module):
                     continue
                 if name in _NORM_CLASSES and hasattr(module, "variance_epsilon"):
-                    module.forward = _norm_forward(module, force)
+                    module.forward = _norm_forward(module, swap)
                 elif name in _MLP_CLASSES and _swappable_mlp(module):
-                    module.forward = _mlp_forward(module, force)
+                    module.forward = _mlp_forward(module, swap)
                 else:
                     continue
                 undo.append(_restore_forward(module, module.forward))
@@ -131,7 +160,7 @@ def fused_ops(model: torch.nn.Module, *, enabled: bool = True, force: bool = Fal
                     modeling = sys.modules[type(module).__module__]
                     current = getattr(modeling, "apply_rotary_pos_emb", None)
                     if current is not None and not hasattr(current, "batchllm_original"):
-                        fused = modeling.apply_rotary_pos_emb = _rotary_function(current, force)
+                        fused = modeling.apply_rotary_pos_emb = _rotary_function(current, swap)
                         undo.append(_restore_rotary(modeling, fused, current))
         yield len(undo)
     finally:

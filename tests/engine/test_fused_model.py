@@ -117,7 +117,7 @@ def test_engine_with_fused_kernels_matches_hf_generate(kind, monkeypatch):
             calls[_name] += 1
             return _original(*args)
         monkeypatch.setattr(kernels, name, counted)
-    monkeypatch.setattr(fused_model, "_runs_here", lambda x, force: not x.requires_grad)
+    monkeypatch.setattr(fused_model._Swap, "runs", lambda self, x: True)
     model = tiny_model(kind, num_kv_heads=2, ratio=2, head_dim=32)
     modeling = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
     original_rotary = modeling.apply_rotary_pos_emb
@@ -165,3 +165,22 @@ def test_fused_model_keeps_what_others_install_inside_the_block():
         assert modeling_llama.apply_rotary_pos_emb is their_rotary
     finally:
         modeling_llama.apply_rotary_pos_emb = original_rotary
+
+
+def test_a_failing_kernel_turns_the_swap_off_with_a_warning(monkeypatch):
+    import batchllm_hf.kernels.fused_ops as kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such GPU instruction")
+
+    monkeypatch.setattr(kernels, "rms_norm", broken)
+    model, _ = model_pair(tiny_config("llama"))
+    ids = torch.randint(3, 160, (1, 6))
+    with torch.inference_mode():
+        expected = model(ids).logits
+        with pytest.warns(UserWarning, match="fused kernels turned off"):
+            with fused_ops(model, force=True):
+                first = model(ids).logits
+                second = model(ids).logits  # no second warning: the swap stays off
+    torch.testing.assert_close(first, expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(second, expected, atol=0, rtol=0)

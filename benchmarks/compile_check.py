@@ -1,93 +1,182 @@
 """Compile the Triton kernels for an H100/H200 (sm_90a) on a machine without a GPU, and report each
 configuration's registers per thread, spill stores and shared memory (ptxas -v). CPU only.
 
-    python benchmarks/compile_check.py
+    python benchmarks/compile_check.py           # a table
+    python benchmarks/compile_check.py --json    # every planner tile family, wide items, fused kernels
+
+tests/kernels/test_compile_sm90.py runs `--json` (in a process without TRITON_INTERPRET) to check, in CI,
+that every tile configuration family the planner can pick compiles for sm_90a and fits one SM's shared
+memory: errors the CPU interpreter cannot show.
 
 What it showed (triton 3.9, 2026-11-29): every attention configuration uses all 255 registers, so at most
 2 programs of 4 warps fit an SM whatever the tile; 128-row tiles with 4 warps spill (600-1250 bytes), and
 even a kernel of 16-row tiles alone needs about 165 registers. The GPU runs triton 3.6, whose allocation
 may differ: a lead to check there, not a measurement of it.
 """
+
+from __future__ import annotations
+
 import inspect
+import json
+import os
+import re
+import subprocess
+import tempfile
 import warnings
 
-warnings.filterwarnings("ignore")
-import triton, triton.language as tl
+import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import batchllm_hf.kernels.shared_prefix_triton as S
-import batchllm_hf.kernels.fused_ops as F
+
+import batchllm_hf.kernels.fused_ops as fused
+import batchllm_hf.kernels.shared_prefix_triton as attention_kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
+SHARED_MEMORY_LIMIT = 227 * 1024  # per thread block on sm_90
+_TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 
-def compile_kernel(jit_fn, types, constexprs, num_warps=4, num_stages=3, divisible=()):
+
+def ptxas_path() -> str | None:
+    """The ptxas that reads the PTX this triton writes (triton >= 3.9 ships it as ptxas-blackwell)."""
+    folder = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def compile_kernel(jit_fn, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                   divisible=(), **options) -> dict:
+    """Compile for TARGET; returns {"regs", "spills", "shared"} (bytes of spill stores and shared memory)."""
     params = list(inspect.signature(jit_fn.fn).parameters)
-    sig = {p: ("constexpr" if p in constexprs else types[p]) for p in params}
+    signature = {p: ("constexpr" if p in constexprs else types[p]) for p in params}
     attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in divisible}
-    src = ASTSource(jit_fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    k = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
-    import os, re, subprocess, tempfile
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas-blackwell")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        open(path, "w").write(k.asm["ptx"])
-        out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", out).group(1))
-    spill = re.search(r"(\d+) bytes spill stores", out)
-    return regs, int(spill.group(1)) if spill else 0, k.metadata.shared
+    source = ASTSource(jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kernel = triton.compile(source, target=TARGET,
+                                options={"num_warps": num_warps, "num_stages": num_stages, **options})
+    report = {"regs": None, "spills": None, "shared": kernel.metadata.shared}
+    ptxas = ptxas_path()
+    if ptxas is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "kernel.ptx")
+            with open(path, "w") as f:
+                f.write(kernel.asm["ptx"])
+            log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(folder, "k.cubin")],
+                                 capture_output=True, text=True).stderr
+        regs = re.search(r"Used (\d+) registers", log)
+        spills = re.search(r"(\d+) bytes spill stores", log)
+        report.update(regs=int(regs.group(1)) if regs else None, spills=int(spills.group(1)) if spills else 0)
+    return report
 
-def attention(head_dim, bm, bmo, bn, warps, stages, has_wide, dtype="bf16"):
-    ptr = "*" + dtype
+
+def attention(head_dim: int, block_m: int, block_m_own: int, block_n: int, num_warps: int, num_stages: int,
+              has_wide: bool, dtype: str = "bf16", num_kv_heads: int = 8) -> dict:
+    """Compile `_partial_attention_kernel` as the launcher would for this tile configuration."""
     types = {}
-    for p in inspect.signature(S._partial_attention_kernel.fn).parameters:
+    for p in inspect.signature(attention_kernels._partial_attention_kernel.fn).parameters:
         if p in ("q_ptr", "k_ptr", "v_ptr", "prefix_k_ptr", "prefix_v_ptr", "out_ptr"):
-            types[p] = ptr
+            types[p] = "*" + dtype
         elif p in ("lse_ptr", "part_out_ptr", "part_lse_ptr"):
             types[p] = "*fp32"
         elif p.endswith("_ptr"):
             types[p] = "*i32"
-        elif p == "qk_scale":
-            types[p] = "fp32"
         else:
-            types[p] = "i32"
-    tl_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16}[dtype]
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M_PREFIX=bm, BLOCK_M_OWN=bmo, BLOCK_M_WIDE=32,
-                      BLOCK_N=bn, BLOCK_N_WIDE=128 if head_dim <= 128 else 64, KV_HEADS_TILE=8, HAS_WIDE=has_wide,
-                      PAGE_SIZE=64, NUM_FIELDS=10, DOT_PRECISION="tf32", DOT_DTYPE=tl_dtype)
+            types[p] = "fp32" if p == "qk_scale" else "i32"
+    block_n_wide = 128 if head_dim <= 128 else 64
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M_PREFIX=block_m, BLOCK_M_OWN=block_m_own, BLOCK_M_WIDE=32,
+                      BLOCK_N=block_n, BLOCK_N_WIDE=block_n_wide,
+                      KV_HEADS_TILE=min(triton.next_power_of_2(num_kv_heads), block_n_wide), HAS_WIDE=has_wide,
+                      PAGE_SIZE=64, NUM_FIELDS=10, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                      DOT_DTYPE=_TL[dtype])
     divisible = [p for p in types if p.endswith("_ptr") or p.startswith("stride_")]
-    return compile_kernel(S._partial_attention_kernel, types, constexprs, warps, stages, divisible)
+    return compile_kernel(attention_kernels._partial_attention_kernel, types, constexprs, num_warps, num_stages,
+                          divisible)
 
-rows = [
-    ("decode, groups<=16 rows (bm 64, own 16, bn 64, 4w, 2st)", (128, 64, 16, 64, 4, 2, False)),
-    ("decode, large groups (bm 128, own 16, bn 64, 4w, 2st) NEW", (128, 128, 16, 64, 4, 2, False)),
-    ("decode, large groups OLD (bm 128, bn 128, 8w, 3st)", (128, 128, 16, 128, 8, 3, False)),
+
+def fused_kernels(dtype: str = "bf16") -> dict:
+    """Compile the three fused glue kernels at Llama-3-8B sizes."""
+    ptr = "*" + dtype
+    rotary_types = {p: ptr for p in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr")}
+    rotary_types.update({p: "i32" for p in ("stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh",
+                                            "stride_kt", "stride_cb", "stride_ct", "seq_len", "num_q_heads",
+                                            "num_kv_heads")})
+    return {
+        "rms_norm": compile_kernel(fused._rms_norm_kernel, {"x_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, "stride_x": "i32",
+                                                            "stride_out": "i32", "n_cols": "i32", "eps": "fp32"},
+                                   dict(BLOCK=4096, INPUT_DTYPE=_TL[dtype], OUT_DTYPE=_TL[dtype]), num_warps=8),
+        "rotary": compile_kernel(fused._rotary_kernel, rotary_types,
+                                 dict(HALF=64, BLOCK_HQ=32, BLOCK_HK=8, DTYPE=_TL[dtype]), enable_fp_fusion=False),
+        "silu_mul": compile_kernel(fused._silu_mul_kernel, {"gate_ptr": ptr, "up_ptr": ptr, "out_ptr": ptr, "n": "i64"},
+                                   dict(BLOCK=2048, DTYPE=_TL[dtype]), num_warps=8),
+    }
+
+
+CONFIGS = [  # (name, (head_dim, block_m, block_m_own, block_n, num_warps, num_stages, has_wide))
+    ("decode, CUDA-graph plan (bm 64, own 16, bn 64, 4w, 2st)", (128, 64, 16, 64, 4, 2, False)),
+    ("decode, large groups (bm 128, own 16, bn 64, 4w, 2st)", (128, 128, 16, 64, 4, 2, False)),
+    ("decode, session-2 large groups (bm 128, bn 128, 8w, 3st)", (128, 128, 16, 128, 8, 3, False)),
     ("prefill (bm 128, own 128, bn 32, 4w, 3st)", (128, 128, 128, 32, 4, 3, False)),
-    ("prefill (bm 128, own 128, bn 64, 8w, 3st)", (128, 128, 128, 64, 8, 3, False)),
+    ("prefill, 8 warps (bm 128, own 128, bn 64, 8w, 3st)", (128, 128, 128, 64, 8, 3, False)),
     ("decode with wide items (bm 64, bn 64, 4w, 2st)", (128, 64, 16, 64, 4, 2, True)),
     ("head_dim 256 (bm 64, own 64, bn 32, 4w, 3st)", (256, 64, 64, 32, 4, 3, False)),
     ("head_dim 256 with wide items", (256, 64, 64, 32, 4, 3, True)),
     ("head_dim 64 decode", (64, 64, 16, 64, 4, 2, False)),
+    ("16-row tiles only (bm 16, own 16, bn 64, 4w, 2st)", (128, 16, 16, 64, 4, 2, False)),
 ]
-print(f"triton {triton.__version__}, sm_90")
-for name, cfg in rows:
-    try:
-        regs, spills, shared = attention(*cfg)
-        print(f"{name:62s} regs {regs:4d} spills {spills:5d} shared {shared / 1024:6.1f} KiB")
-    except Exception as e:
-        print(f"{name:62s} FAILED {type(e).__name__}: {str(e)[:200]}")
 
-for name, fn, types, ce, w in [
-    ("rms_norm hidden 4096 bf16", F._rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "stride_x": "i32", "stride_out": "i32", "n_cols": "i32", "eps": "fp32"}, dict(BLOCK=4096, INPUT_DTYPE=tl.bfloat16, OUT_DTYPE=tl.bfloat16), 8),
-    ("rotary Hq 32 Hkv 8 D 128", F._rotary_kernel, {**{p: "*bf16" for p in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr")}, **{p: "i32" for p in ("stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_kt", "stride_cb", "stride_ct", "seq_len", "num_q_heads", "num_kv_heads")}}, dict(HALF=64, BLOCK_HQ=32, BLOCK_HK=8, DTYPE=tl.bfloat16), 4),
-    ("silu_mul bf16", F._silu_mul_kernel, {"gate_ptr": "*bf16", "up_ptr": "*bf16", "out_ptr": "*bf16", "n": "i64"}, dict(BLOCK=2048, DTYPE=tl.bfloat16), 8),
-]:
-    try:
-        regs, spills, shared = compile_kernel(fn, types, ce, w, 3)
-        print(f"{name:62s} regs {regs:4d} spills {spills:5d} shared {shared / 1024:6.1f} KiB")
-    except Exception as e:
-        print(f"{name:62s} FAILED {type(e).__name__}: {str(e)[:300]}")
-print("--- what the 16-row branch alone would need (all tiles 16 rows)")
-for cfg in [(128, 16, 16, 64, 4, 2, False), (128, 16, 16, 64, 4, 3, False), (128, 16, 16, 128, 4, 2, False), (128, 32, 16, 64, 4, 2, False)]:
-    regs, spills, shared = attention(*cfg)
-    print(cfg, f"regs {regs} spills {spills} shared {shared/1024:.1f} KiB")
+
+def planner_families() -> list[tuple]:
+    """Per (head_dim, block_n, warps, stages), the largest row tiles `tile_config` picks (the CUDA-graph
+    plan of engine/decode_graphs.py takes tile_config(64, 16, ...) too)."""
+    from batchllm_hf.kernels.attention_plan import tile_config
+
+    largest = {}
+    for head_dim in (64, 128, 256):
+        picks = [tile_config(p, o, head_dim, total) for p in (16, 64, 128, 512) for o in (16, 64, 128, 1024)
+                 for total in (64, 4096)]
+        for bm, bmo, bn, warps, stages in picks:
+            key = (head_dim, bn, warps, stages)
+            old = largest.get(key, (0, 0))
+            largest[key] = (max(old[0], bm), max(old[1], bmo))
+    return [(hd, bm, bmo, bn, w, st) for (hd, bn, w, st), (bm, bmo) in sorted(largest.items())]
+
+
+def all_reports() -> list[dict]:
+    """What the CI test checks: each entry names its kernel and configuration, with its report or error."""
+    # fp32 (tests only: engine_gpu_check runs head_dim 64) for head_dim 64; its larger tiles take ptxas minutes
+    jobs = [(f"attention {dtype} {config}", lambda c=config, d=dtype: attention(*c, has_wide=False, dtype=d))
+            for config in planner_families() for dtype in (("bf16", "fp32") if config[0] == 64 else ("bf16",))]
+    jobs += [(f"attention wide {head_dim}", lambda h=head_dim: attention(h, 64, 16, 64 if h <= 128 else 32, 4, 2, True))
+             for head_dim in (128, 256)]
+    jobs += [(f"fused {dtype}", lambda d=dtype: fused_kernels(d)) for dtype in ("bf16", "fp16", "fp32")]
+    reports = []
+    for name, job in jobs:
+        try:
+            result = job()
+        except Exception as error:  # noqa: BLE001 - the test reports every failure, not the first
+            reports.append({"name": name, "error": f"{type(error).__name__}: {str(error)[:500]}"})
+            continue
+        for kernel, report in (result.items() if name.startswith("fused") else [("attention", result)]):
+            reports.append({"name": f"{name} {kernel}", **report})
+    return reports
+
+
+def main() -> None:
+    import sys
+
+    if "--json" in sys.argv:
+        print(json.dumps(all_reports()))
+        return
+    print(f"triton {triton.__version__}, sm_90a, ptxas {ptxas_path()}")
+    for name, config in CONFIGS:
+        r = attention(*config)
+        print(f"{name:60s} regs {r['regs']} spills {r['spills']} shared {r['shared'] / 1024:6.1f} KiB")
+    for name, r in fused_kernels().items():
+        print(f"{name:60s} regs {r['regs']} spills {r['spills']} shared {r['shared'] / 1024:6.1f} KiB")
+
+
+if __name__ == "__main__":
+    main()

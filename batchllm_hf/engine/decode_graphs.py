@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..kernels.attention_plan import plan_attention
+from ..kernels.attention_plan import plan_attention, tile_config
 from ..kernels.paged import PagedAttentionMetadata
 from .kv_pool import PagedCache, Step
 from .paged_sdpa import StepShape
@@ -58,8 +58,12 @@ class DecodeGraphs:
             num_kv_heads = cache.num_heads[1]
             # Unsplit, a decode step has at most 2 items (own + prefix tile) per sequence and KV head; the
             # headroom takes KV splits (the plan coarsens them until the step fits).
+            # Tiles of the planner's decode choice for 64-row groups (64 keys, 4 warps, 2 stages at head_dim
+            # <= 128; 32 keys, 3 stages above, which fit shared memory: tests/kernels/test_compile_sm90.py).
+            block_m, block_m_own, block_n, num_warps, num_stages = tile_config(64, 16, head_dim, 64)
             self.plan = allocate_plan(b, 2 * num_kv_heads * b + 4096, 16 * b + 4096, num_q_heads, head_dim, device,
-                                      block_m=64, num_stages=2)
+                                      block_m=block_m, block_m_own=block_m_own, block_n=block_n,
+                                      num_warps=num_warps, num_stages=num_stages)
         self._reset_padding(0, b)
 
     def _reset_padding(self, lo: int, hi: int) -> None:

@@ -183,8 +183,12 @@ def sweep_tiles() -> list[dict]:
     for shape in decode_steps:
         q, k_cache, v_cache, meta = make_step(*shape)
         step = (q, k_cache, v_cache, meta, torch.empty_like(q))
-        for variant, configs in (("one-head", narrow), ("wide", wide)):
-            plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, wide=variant == "wide")
+        # "16-row tiles": every tile 16 rows (block_m=16), so the kernel has no large-tile branch and needs
+        # about 168 registers instead of 255 (benchmarks/compile_check.py): more programs per SM, while a
+        # large group's prefix chunk is read by several tiles (through L2).
+        for variant, configs in (("one-head", narrow), ("wide", wide), ("16-row tiles", [(64, 4, 2), (64, 4, 3)])):
+            plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, wide=variant == "wide",
+                                        block_m=16 if variant == "16-row tiles" else None)
             for bn, warps, stages in configs:
                 if variant == "wide":
                     plan.block_n_wide = bn

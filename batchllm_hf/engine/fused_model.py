@@ -57,36 +57,32 @@ class _Swap:
             return original(*args)
 
 
-def _norm_forward(module, swap: _Swap):
-    original = module.forward
-
-    def fused(hidden_states):
-        from ..kernels.fused_ops import rms_norm
-
-        return rms_norm(hidden_states, module.weight, module.variance_epsilon)
-
-    def forward(hidden_states):
-        if not swap.runs(hidden_states):
-            return original(hidden_states)
-        return swap.call(fused, original, hidden_states)
-
-    return forward
-
-
-def _mlp_forward(module, swap: _Swap):
-    original = module.forward
-
-    def fused(x):
-        from ..kernels.fused_ops import silu_mul
-
-        return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
-
+def _swapped_forward(original, swap: _Swap, fused):
+    """A module forward of one tensor that runs `fused` where the swap allows, else the original."""
     def forward(x):
         if not swap.runs(x):
             return original(x)
         return swap.call(fused, original, x)
 
     return forward
+
+
+def _norm_forward(module, swap: _Swap):
+    def fused(hidden_states):
+        from ..kernels.fused_ops import rms_norm
+
+        return rms_norm(hidden_states, module.weight, module.variance_epsilon)
+
+    return _swapped_forward(module.forward, swap, fused)
+
+
+def _mlp_forward(module, swap: _Swap):
+    def fused(x):
+        from ..kernels.fused_ops import silu_mul
+
+        return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+
+    return _swapped_forward(module.forward, swap, fused)
 
 
 def _rotary_function(original, swap: _Swap):

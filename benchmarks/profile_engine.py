@@ -1,6 +1,6 @@
 """Where the engine's time goes on one workload (GPU diagnostics, not a test, not the benchmark of record).
 
-    python benchmarks/profile_engine.py --workloads W-1B,W-8B [--out DIR]
+    python benchmarks/profile_engine.py --workloads W-1B,W-8B [--out DIR] [--kernels [--decode-at 20,80]] [--steps]
 
 Per workload: a warm-up run, then (1) a timed run split into engine construction and the step loop, with
 every step synchronized and classed as decode-only or mixed, and (2) a cProfile of one more run (top
@@ -120,6 +120,10 @@ def main():
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--kernels", action="store_true", help="only the per-kernel GPU time of decode and mixed steps")
+    parser.add_argument("--decode-at", default="20", help="--kernels: first decode step of each 5-step window")
+    parser.add_argument("--steps", action="store_true",
+                        help="only the synchronized per-step wall times (every decode step listed)")
+    parser.add_argument("--graph-batch", default="256", help="--steps: max_graph_batch values to compare")
     args = parser.parse_args()
     import os
     os.makedirs(args.out, exist_ok=True)
@@ -135,9 +139,30 @@ def main():
             del engine
             _free("cuda")
             lines.append(f"{name}:")
-            lines += kernel_profile(model, prompts, w.output, config)
+            for first in map(int, args.decode_at.split(",")):
+                lines.append(f"  decode steps {first}..{first + 4}:")
+                lines += kernel_profile(model, prompts, w.output, config, first=first)
             lines += kernel_profile(model, prompts, w.output, config, first=2, count=2, kind="mixed")
             print(*lines, sep="\n", flush=True)
+            del model
+            _free("cuda")
+            continue
+        if args.steps:
+            del engine
+            _free("cuda")
+            for size in map(int, args.graph_batch.split(",")):
+                sized = EngineConfig(**{**config.__dict__, "max_graph_batch": size})
+                if size != 256:  # capture and compile the new sizes outside the timed run
+                    Engine(model, sized).generate(prompts, _generation_config(w.output))
+                    _free("cuda")
+                build, loop, steps, phases = timed_steps(model, prompts, w.output, sized)
+                lines.append(f"{name} max_graph_batch={size}: construction {build:.3f} s, loop {loop:.3f} s")
+                for kind, items in steps.items():
+                    total = sum(s for s, _, _ in items)
+                    lines.append(f"  {kind}: {len(items)} steps, {total:.3f} s; ms/seqs/tokens per step: " +
+                                 " ".join(f"{1e3 * s:.1f}/{n}/{k}" for s, n, k in items))
+                print(*lines[-3:], sep="\n", flush=True)
+                _free("cuda")
             del model
             _free("cuda")
             continue

@@ -64,9 +64,86 @@ def _category(name: str) -> str:
     return "other (elementwise, copies)"
 
 
-def kernel_profile(model, prompts, new_tokens, config, first=20, count=5, kind="decode"):
+def gap_profile(model, prompts, new_tokens, config):
+    """One unsynchronized run (as the benchmark runs it) with CUDA events around every step: per kind, the
+    device time from the moment it reached the step to the step's end (includes any starving inside the
+    step), the device time between steps (sampling kernels plus idle waiting for the host), and the host
+    time spent inside the runner."""
+    original = runner_module.ModelRunner.run
+    marks = []
+
+    def run(self, chunks, *args):
+        kind = "decode" if all(c.length == 1 and c.sample for c in chunks) else "mixed"
+        begin = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        t = time.perf_counter()
+        out = original(self, chunks, *args)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        marks.append((kind, len(chunks), begin, end, time.perf_counter() - t))
+        return out
+
+    runner_module.ModelRunner.run = run
+    try:
+        engine = Engine(model, config)
+        t0 = time.perf_counter()
+        engine.generate(prompts, _generation_config(new_tokens))
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    finally:
+        runner_module.ModelRunner.run = original
+    rows = [f"  unsynchronized run {wall:.3f} s (max_graph_batch={config.max_graph_batch}); "
+            f"phases {({k: round(v, 3) for k, v in engine.stats.seconds.items()})}"]
+    for kind in ("mixed", "decode"):
+        mine = [i for i, m in enumerate(marks) if m[0] == kind]
+        if not mine:
+            continue
+        span = sum(marks[i][2].elapsed_time(marks[i][3]) for i in mine) / 1e3
+        gap = sum(marks[i][3].elapsed_time(marks[i + 1][2]) for i in mine if i + 1 < len(marks)) / 1e3
+        host = sum(marks[i][4] for i in mine)
+        per = [f"{marks[i][2].elapsed_time(marks[i][3]):.1f}+{marks[i][3].elapsed_time(marks[i + 1][2]):.1f}"
+               for i in mine[::10] if i + 1 < len(marks)]
+        rows.append(f"  {kind}: {len(mine)} steps; device in steps {span:.3f} s, device after steps (sampling, "
+                    f"idle) {gap:.3f} s; host in runner {host:.3f} s; every 10th step (ms in+after): {' '.join(per)}")
+    return rows
+
+
+def sync_points(model, prompts, new_tokens, config):
+    """Runs once under torch.cuda.set_sync_debug_mode("warn") and lists each distinct stack that synchronized
+    with the device (the engine's one intended wait per step, in `complete`, included)."""
+    import traceback
+    import warnings
+
+    stacks = {}
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        stack = "".join(traceback.format_stack(limit=9)[:-1])
+        key = (str(message)[:80], stack)
+        stacks[key] = stacks.get(key, 0) + 1
+
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            engine = Engine(model, config)
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                engine.generate(prompts, _generation_config(new_tokens))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = shown
+    rows = [f"  {len(stacks)} distinct synchronizing stacks (max_graph_batch={config.max_graph_batch}):"]
+    for (message, stack), n in sorted(stacks.items(), key=lambda kv: -kv[1]):
+        rows.append(f"  {n} x {message}\n{stack}")
+    return rows
+
+
+def kernel_profile(model, prompts, new_tokens, config, first=20, count=5, kind="decode", graphs=False):
     """GPU kernel time by kernel name over steps first..first+count of one kind ("decode" or "mixed"),
-    eager so that every launch is seen."""
+    eager so that every launch is seen (graphs=True: as configured, kernels inside graph replays)."""
     from torch.profiler import ProfilerActivity, profile
 
     original = runner_module.ModelRunner.run
@@ -91,7 +168,7 @@ def kernel_profile(model, prompts, new_tokens, config, first=20, count=5, kind="
 
     runner_module.ModelRunner.run = run
     try:
-        engine = Engine(model, EngineConfig(**{**config.__dict__, "cuda_graphs": False}))
+        engine = Engine(model, EngineConfig(**{**config.__dict__, "cuda_graphs": graphs and config.cuda_graphs}))
         engine.generate(prompts, _generation_config(new_tokens))
     finally:
         runner_module.ModelRunner.run = original
@@ -123,7 +200,9 @@ def main():
     parser.add_argument("--decode-at", default="20", help="--kernels: first decode step of each 5-step window")
     parser.add_argument("--steps", action="store_true",
                         help="only the synchronized per-step wall times (every decode step listed)")
-    parser.add_argument("--graph-batch", default="256", help="--steps: max_graph_batch values to compare")
+    parser.add_argument("--graph-batch", default="256", help="--steps / --gaps: max_graph_batch values to compare")
+    parser.add_argument("--gaps", action="store_true", help="only the unsynchronized run's device busy / idle time "
+                        "per step kind, a sync-debug run, and a kernel profile of graphed decode steps")
     args = parser.parse_args()
     import os
     os.makedirs(args.out, exist_ok=True)
@@ -143,6 +222,26 @@ def main():
                 lines.append(f"  decode steps {first}..{first + 4}:")
                 lines += kernel_profile(model, prompts, w.output, config, first=first)
             lines += kernel_profile(model, prompts, w.output, config, first=2, count=2, kind="mixed")
+            print(*lines, sep="\n", flush=True)
+            del model
+            _free("cuda")
+            continue
+        if args.gaps:
+            del engine
+            _free("cuda")
+            lines.append(f"{name}:")
+            for size in map(int, args.graph_batch.split(",")):
+                sized = EngineConfig(**{**config.__dict__, "max_graph_batch": size})
+                if size != 256:
+                    Engine(model, sized).generate(prompts, _generation_config(w.output))
+                    _free("cuda")
+                lines += gap_profile(model, prompts, w.output, sized)
+                print(*lines[-3:], sep="\n", flush=True)
+                _free("cuda")
+                lines += kernel_profile(model, prompts, w.output, sized, first=10, graphs=True)
+                print(*lines[-20:], sep="\n", flush=True)
+                _free("cuda")
+            lines += sync_points(model, prompts, w.output, config)
             print(*lines, sep="\n", flush=True)
             del model
             _free("cuda")

@@ -108,6 +108,40 @@ def gap_profile(model, prompts, new_tokens, config):
     return rows
 
 
+def decode_host_profile(model, prompts, new_tokens, config, out_path):
+    """cProfile of the host during decode-only steps (the runner's run() only) of an unsynchronized run:
+    top functions by own time and by cumulative time, written to out_path; returns a short summary."""
+    original = runner_module.ModelRunner.run
+    profiler = cProfile.Profile()
+    state = {"steps": 0, "seconds": 0.0}
+
+    def run(self, chunks, *args):
+        if not all(c.length == 1 and c.sample for c in chunks):
+            return original(self, chunks, *args)
+        t = time.perf_counter()
+        profiler.enable()
+        try:
+            return original(self, chunks, *args)
+        finally:
+            profiler.disable()
+            state["steps"] += 1
+            state["seconds"] += time.perf_counter() - t
+
+    runner_module.ModelRunner.run = run
+    try:
+        Engine(model, config).generate(prompts, _generation_config(new_tokens))
+        torch.cuda.synchronize()
+    finally:
+        runner_module.ModelRunner.run = original
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(35)
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+    with open(out_path, "w") as f:
+        f.write(text.getvalue())
+    return [f"  host profile of {state['steps']} decode steps (max_graph_batch={config.max_graph_batch}): "
+            f"{1e3 * state['seconds'] / max(1, state['steps']):.1f} ms per step in run() (profiled); {out_path}"]
+
+
 def sync_points(model, prompts, new_tokens, config):
     """Runs once under torch.cuda.set_sync_debug_mode("warn") and lists each distinct stack that synchronized
     with the device (the engine's one intended wait per step, in `complete`, included)."""
@@ -201,6 +235,7 @@ def main():
     parser.add_argument("--steps", action="store_true",
                         help="only the synchronized per-step wall times (every decode step listed)")
     parser.add_argument("--graph-batch", default="256", help="--steps / --gaps: max_graph_batch values to compare")
+    parser.add_argument("--host", action="store_true", help="only a cProfile of the host in decode steps")
     parser.add_argument("--gaps", action="store_true", help="only the unsynchronized run's device busy / idle time "
                         "per step kind, a sync-debug run, and a kernel profile of graphed decode steps")
     args = parser.parse_args()
@@ -222,6 +257,20 @@ def main():
                 lines.append(f"  decode steps {first}..{first + 4}:")
                 lines += kernel_profile(model, prompts, w.output, config, first=first)
             lines += kernel_profile(model, prompts, w.output, config, first=2, count=2, kind="mixed")
+            print(*lines, sep="\n", flush=True)
+            del model
+            _free("cuda")
+            continue
+        if args.host:
+            del engine
+            _free("cuda")
+            for size in map(int, args.graph_batch.split(",")):
+                sized = EngineConfig(**{**config.__dict__, "max_graph_batch": size})
+                if size != 256:
+                    Engine(model, sized).generate(prompts, _generation_config(w.output))
+                    _free("cuda")
+                lines += decode_host_profile(model, prompts, w.output, sized, f"{args.out}/host_{name}_{size}.txt")
+                _free("cuda")
             print(*lines, sep="\n", flush=True)
             del model
             _free("cuda")

@@ -9,6 +9,9 @@ from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
 import batchllm_hf  # noqa: F401
 from batchllm_hf.engine import Engine, EngineConfig
+from batchllm_hf.engine import decode_graphs
+
+decode_graphs.MIN_CAPTURE_STEPS = 0  # capture every size, however few steps it serves: this checks the graphs
 
 
 def main():
@@ -40,7 +43,7 @@ def main():
                 out = engine.generate(prompts, gen)
                 if graphs:
                     g = engine.decode_graphs
-                    print(f"  graphs enabled={g.enabled} captured={sorted(g.graphs)} checked={sorted(g.checked)} "
+                    print(f"  graphs enabled={g.enabled} captured={sorted(g.graphs)} skipped={g.skipped} "
                           f"error={g.error}")
             except Exception as error:
                 print(f"{dtype} {backend} shared={shared}: ERROR {error!r}")

@@ -20,9 +20,11 @@ class EngineConfig:
     cluster:             group prompts by shared prefix (off: every prompt is a group of one).
     min_prefix_len:      shortest prefix worth a group (tokens); None = one page.
     cuda_graphs:         capture decode-only steps as CUDA graphs (ignored on CPU).
-    max_graph_batch:     the largest decode step (sequences) captured as a graph, as sizes 1, 2, 4, ... up to it;
-                         larger decode steps run eagerly. Each captured size keeps its own buffers (a size of
-                         1024 holds about 1 GB of logits for a 128k vocabulary).
+    max_graph_batch:     the largest decode step (sequences) run as a CUDA graph; sizes 1, 2, 4, ..., 256, then
+                         multiples of 128 up to it (a step pads to the next size); larger decode steps run
+                         eagerly. A size is captured once it will serve at least a few steps
+                         (decode_graphs.py). Each captured size keeps its logits (a size of 1024 holds 256 MB of
+                         bf16 logits for a 128k vocabulary).
     attention_backend:   "triton", "sdpa" or "reference" (kv_pool.PagedCache); None picks the fastest here.
     overlap_steps:       launch step N+1 before reading step N's tokens back (same outputs; off: one step at
                          a time, the host idle while the device runs and the other way round).
@@ -41,7 +43,7 @@ class EngineConfig:
     cluster: bool = True
     min_prefix_len: int | None = None
     cuda_graphs: bool = True
-    max_graph_batch: int = 256
+    max_graph_batch: int = 1024
     attention_backend: str | None = None
     overlap_steps: bool = True
     fused_ops: bool = True

@@ -1,16 +1,23 @@
 """Decode steps replayed as CUDA graphs, so a small model's step is not bound by Python launch overhead.
 
 A decode-only step (one query token per sequence) with n sequences runs on static buffers of the next
-captured size b >= n (1, 2, 4, ..., max_size). Rows n..b-1 are padding: token 0 at position 0, writing
+size b >= n: powers of two up to 256, then multiples of 128 up to max_size (so a step of 800 pads to 896,
+not 1024: at that size the step is matmul-bound and padding costs its share of the matmuls). Rows n..b-1
+are padding: token 0 at position 0, writing
 its KV to a scratch page no sequence owns, attending only to itself, logits discarded. Before each replay
 the step's tensors are copied into the buffers and the Triton attention's static work plan is refilled
 from the step's host arrays (`plan_attention(..., buffers=...)`: no host sync, one non-blocking copy).
 Graphs need the Triton backend (the SDPA fallback sizes its tensors from host values); `capture=False`
 runs the same static-buffer path eagerly, which is how the padding logic is tested on CPU.
 
-Safety net: the first replay of each size is checked against an eager forward on the same buffers; a
-mismatch, or any error while capturing, turns graphs off for this engine (with a warning) and the step
-runs eagerly.
+A size is captured only when the step says it will be used for at least `min_capture_steps` steps (the
+runner passes each sequence's expected remaining tokens; a capture costs about three eager forwards of
+host time, which a few replays do not pay back): the tail of a job, where the batch shrinks every step,
+runs eagerly instead of capturing a graph per step.
+
+Safety net: the first replay of each size is checked against the eager warm-up forward that precedes
+the capture (same buffers, same inputs); a mismatch, or any error while capturing, turns graphs off for
+this engine (with a warning) and the step runs eagerly.
 """
 
 from __future__ import annotations
@@ -29,18 +36,33 @@ from .paged_sdpa import StepShape
 from ..kernels import allocate_plan
 
 
+MIN_CAPTURE_STEPS = 6
+_POWER_SIZES_UP_TO = 256
+_SIZE_STEP = 128
+
+
+def graph_sizes(max_size: int) -> list[int]:
+    """Batch sizes that get their own graph: 1, 2, 4, ..., 256, then 384, 512, ... up to max_size."""
+    sizes = [1 << i for i in range(max_size.bit_length()) if 1 << i < min(max_size, _POWER_SIZES_UP_TO + 1)]
+    sizes += list(range(_POWER_SIZES_UP_TO + _SIZE_STEP, max_size, _SIZE_STEP))
+    return sorted(set(sizes) | {max_size})
+
+
 class DecodeGraphs:
-    def __init__(self, model, cache: PagedCache, forward, max_size: int, table_width: int, capture: bool):
+    def __init__(self, model, cache: PagedCache, forward, max_size: int, table_width: int, capture: bool,
+                 min_capture_steps: int | None = None):
         self.model, self.cache, self.forward = model, cache, forward
-        self.sizes = [1 << i for i in range(max_size.bit_length()) if 1 << i < max_size] + [max_size]
+        self.sizes = graph_sizes(max_size)
+        self.min_capture_steps = MIN_CAPTURE_STEPS if min_capture_steps is None else min_capture_steps
+        self.admitted: set[int] = set()  # sizes that run on the static path (captured when capture=True)
+        self.skipped = 0  # decode steps that ran eagerly because their size would serve too few steps
         self.table_width = table_width
         self.capture = capture
         self.enabled = True
         self.error: str | None = None  # why graphs were turned off, if they were
         self.plan_misses = 0  # decode steps that ran eagerly because they did not fit the static plan
         self.setup_seconds = 0.0  # host time spent capturing graphs and checking their first replays
-        self.graphs: dict[int, tuple] = {}
-        self.checked: set[int] = set()
+        self.graphs: dict[int, tuple] = {}  # size -> (graph, its logits, the eager warm-up's logits or None)
         b, device, i32 = max_size, model.device, torch.int32
         self.input_ids = torch.zeros((1, b), dtype=torch.long, device=device)
         self.position_ids = torch.zeros((1, b), dtype=torch.long, device=device)
@@ -92,11 +114,25 @@ class DecodeGraphs:
                 and step.meta.prefix_pages.shape[1] <= self.table_width
                 and step.meta.prefix_pages.shape[0] <= self.sizes[-1])
 
-    def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: Step, host) -> torch.Tensor | None:
+    def expected_steps(self, n: int, remaining: np.ndarray) -> int:
+        """Steps until fewer sequences than the next smaller size are left, if each of the n running sequences
+        runs for its `remaining` (expected) tokens: how often a graph of this step's size would be replayed."""
+        b = next(s for s in self.sizes if s >= n)
+        lower = max((s for s in self.sizes if s < b), default=0)
+        return int(np.partition(remaining, n - 1 - lower)[n - 1 - lower])
+
+    def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: Step, host,
+            remaining: np.ndarray | None = None) -> torch.Tensor | None:
         """Logits (n, V) of a decode-only step, or None when this step must run eagerly. `host`: the step's
-        host arrays (runner.HostStep), from which the static attention plan is refilled without a sync."""
+        host arrays (runner.HostStep), from which the static attention plan is refilled without a sync.
+        `remaining`: each sequence's expected tokens still to come (None: always use the graphs)."""
         n = input_ids.shape[1]
         b = next(s for s in self.sizes if s >= n)
+        if b not in self.admitted:
+            if remaining is not None and self.expected_steps(n, remaining) < self.min_capture_steps:
+                self.skipped += 1
+                return None
+            self.admitted.add(b)
         meta = step.meta
         self.input_ids[:, :n] = input_ids
         self.position_ids[:, :n] = position_ids
@@ -131,15 +167,15 @@ class DecodeGraphs:
             start = time.perf_counter()
             if b not in self.graphs:
                 self._capture(b, static)
-            graph, logits = self.graphs[b]
+            graph, logits, eager = self.graphs[b]
             graph.replay()
             out = logits[:n]
-            if b not in self.checked:
-                eager = self._run_static(b, static)[:n]
+            if eager is not None:  # first replay: same inputs as the warm-up, so the same logits
+                eager = eager[:n]
                 tolerance = 1e-2 * float(eager.abs().max()) + 1e-3
                 if not torch.allclose(out.float(), eager.float(), atol=tolerance, rtol=0):
                     raise RuntimeError(f"graph replay of batch size {b} differs from eager")
-                self.checked.add(b)
+                self.graphs[b] = (graph, logits, None)
                 self.setup_seconds += time.perf_counter() - start
             return out
         except Exception as error:  # any capture/replay problem: keep the engine correct, drop the speed-up
@@ -150,7 +186,8 @@ class DecodeGraphs:
             return None
 
     def _capture(self, b: int, static: Step) -> None:
-        self._run_static(b, static)  # warm-up: lazy initializations happen outside the capture
+        # warm-up: lazy initializations happen outside the capture; its logits check the first replay
+        eager = self._run_static(b, static)
         torch.cuda.synchronize()
         pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
         graph = torch.cuda.CUDAGraph()
@@ -160,4 +197,4 @@ class DecodeGraphs:
                 logits = self.forward(self.input_ids[:, :b], self.position_ids[:, :b], self.sample_index[:b])
         finally:
             self.cache.step = None
-        self.graphs[b] = (graph, logits)
+        self.graphs[b] = (graph, logits, eager)

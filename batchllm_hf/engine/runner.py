@@ -139,6 +139,12 @@ def to_device(host: HostStep, page_size: int, device: torch.device, previous_tok
     return ids[None], positions[None], Step(slots, meta, host.shape), sample_index
 
 
+def _remaining(seq) -> int:
+    """Tokens a decoding sequence is expected to still produce (its hint while below it, else its maximum)."""
+    done = len(seq.output)
+    return max(1, (seq.expected_new_tokens if done < seq.expected_new_tokens else seq.max_new_tokens) - done)
+
+
 class ModelRunner:
     def __init__(self, model, cache: PagedCache, shared_prefix: bool):
         self.model = model
@@ -166,7 +172,9 @@ class ModelRunner:
                                                                 previous_tokens)
         graphs = self.decode_graphs
         if graphs is not None and all(c.length == 1 and c.sample for c in chunks) and graphs.fits(len(chunks), step):
-            logits = graphs.run(input_ids, position_ids, step, host)
+            # expected tokens still to come per sequence: whether this size is worth a capture
+            remaining = np.fromiter((_remaining(c.seq) for c in chunks), dtype=np.int64, count=len(chunks))
+            logits = graphs.run(input_ids, position_ids, step, host, remaining)
             if logits is not None:
                 return logits.float()
         if self.cache.backend == "triton":

@@ -161,7 +161,8 @@ def test_decode_graph_static_buffers_match(shared, backend):
     max_new = [2 + i % 7 for i in range(len(prompts))]
     engine = Engine(model, EngineConfig(page_size=4, max_batch_tokens=16, num_pages=256, use_shared_prefix=shared,
                                         attention_backend=backend))
-    graphs = DecodeGraphs(model, engine._kv_cache(), None, max_size=8, table_width=64, capture=False)
+    graphs = DecodeGraphs(model, engine._kv_cache(), None, max_size=8, table_width=64, capture=False,
+                          min_capture_steps=0)
     engine.decode_graphs = graphs
     calls = []
     original = graphs.run
@@ -169,6 +170,7 @@ def test_decode_graph_static_buffers_match(shared, backend):
     outputs = engine.generate(prompts, greedy(8), max_new_tokens_per_request=max_new)
     assert [o.token_ids for o in outputs] == reference(model, prompts, max_new)
     assert calls and set(calls) - {1, 2, 4, 8}  # padded sizes were used (n below a captured size)
+    assert graphs.admitted and not graphs.skipped  # min_capture_steps=0: every decode step took the static path
 
 
 def test_decode_graph_sizes_follow_max_graph_batch():
@@ -177,7 +179,34 @@ def test_decode_graph_sizes_follow_max_graph_batch():
     model = tiny_model("llama")
     cache = Engine(model, EngineConfig(page_size=4, num_pages=64))._kv_cache()
     sizes = {n: DecodeGraphs(model, cache, None, max_size=n, table_width=8, capture=False).sizes for n in (1, 6, 1024)}
-    assert sizes == {1: [1], 6: [1, 2, 4, 6], 1024: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]}
+    assert sizes == {1: [1], 6: [1, 2, 4, 6],
+                     1024: [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]}
+    assert DecodeGraphs(model, cache, None, max_size=300, table_width=8, capture=False).sizes[-2:] == [256, 300]
+
+
+def test_decode_graphs_skip_sizes_that_serve_few_steps():
+    # A size is taken (captured, on CUDA) only when the running sequences' expected remaining tokens say it
+    # will serve at least min_capture_steps steps before the batch shrinks below the next smaller size.
+    import numpy as np
+
+    from batchllm_hf.engine.decode_graphs import DecodeGraphs
+
+    model = tiny_model("llama")
+    cache = Engine(model, EngineConfig(page_size=4, num_pages=64))._kv_cache()
+    graphs = DecodeGraphs(model, cache, None, max_size=1024, table_width=8, capture=False, min_capture_steps=6)
+    # 800 running: size 896, next smaller 768; 800 - 768 = 32 sequences must finish first
+    remaining = np.concatenate([np.full(32, 40), np.full(768, 90)])
+    assert graphs.expected_steps(800, remaining) == 40
+    assert graphs.expected_steps(800, np.concatenate([np.full(32, 3), np.full(768, 90)])) == 3
+    assert graphs.expected_steps(5, np.array([9, 1, 7, 2, 5])) == 1  # size 8, next smaller 4: one must finish
+    rng = np.random.default_rng(0)
+    assert graphs.expected_steps(3, rng.permutation([4, 8, 6])) == 4  # size 4, next smaller 2: one must finish
+
+    calls = []
+    graphs._run_static = lambda b, step: calls.append(b)
+    taken = graphs.run(torch.zeros((1, 5), dtype=torch.long), torch.zeros((1, 5), dtype=torch.long), None, None,
+                       np.array([9, 1, 7, 2, 5]))
+    assert taken is None and graphs.skipped == 1 and not calls and not graphs.admitted
     with pytest.raises(ValueError, match="max_graph_batch"):
         EngineConfig(max_graph_batch=0)
 
@@ -298,7 +327,8 @@ def test_a_step_reads_nothing_back_from_the_device(monkeypatch, static):
     if static:  # decode steps through the CUDA-graph path's static buffers and static plan, run eagerly
         from batchllm_hf.engine.decode_graphs import DecodeGraphs
 
-        graphs = DecodeGraphs(model, engine._kv_cache(), None, max_size=16, table_width=16, capture=False)
+        graphs = DecodeGraphs(model, engine._kv_cache(), None, max_size=16, table_width=16, capture=False,
+                              min_capture_steps=0)
         engine.decode_graphs = graphs
         calls = []
         original_run = graphs.run

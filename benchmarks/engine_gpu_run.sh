@@ -1,8 +1,7 @@
 #!/bin/bash
 # One device call (about 9 minutes on an H200): the engine's GPU sanity check (fp32 tokens vs HF generate,
-# bf16 agreement), then the headline bench with HF generate side by side: W-paper first (its 10x target is
-# the open one; the "graphs up to 1024 sequences" variant tests whether its 800-wide decode steps were slow
-# for running eagerly), then W-8B, W-1B, W-noshare.
+# bf16 agreement; every graph size captured), then the headline bench with HF generate side by side and
+# session 3's graph limit as a variant.
 # Usage (repo root): OUT=dir bash benchmarks/engine_gpu_run.sh
 export PYTHONUNBUFFERED=1
 PKG=/tmp/pkg; rm -rf $PKG; mkdir -p $PKG
@@ -11,4 +10,4 @@ export PYTHONPATH=$PKG
 python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
 timeout 90 python benchmarks/engine_gpu_check.py 2>&1 | grep -v Warning | tee $OUT/gpu_check.txt
 timeout 460 python -m batchllm_hf.cli bench --workloads W-paper,W-8B,W-1B,W-noshare --skip-generate-batch \
-    --ablations "graphs up to 1024" --out $OUT 2>&1 | grep -v Warning | tail -20
+    --ablations "graphs up to 256" --out $OUT 2>&1 | grep -v Warning | tail -20

@@ -78,12 +78,14 @@ class DecodeGraphs:
         if cache.backend == "triton":
             num_q_heads, _, head_dim = cache.num_heads
             num_kv_heads = cache.num_heads[1]
-            # Unsplit, a decode step has at most 2 items (own + prefix tile) per sequence and KV head; the
-            # headroom takes KV splits (the plan coarsens them until the step fits).
+            # Unsplit, a decode step has at most 2 items (own + prefix tile) per sequence and KV head, and 2
+            # partial results per sequence; the headroom takes KV splits (the plan coarsens them until the
+            # step fits; large batches fill the GPU unsplit). Partials cost Hq * head_dim * 4 bytes each:
+            # 4 * b + 4096 of them is 134 MB at b = 1024 for Llama-3-8B (16 * b + 4096 was 335 MB).
             # Tiles of the planner's decode choice for 64-row groups (64 keys, 4 warps, 2 stages at head_dim
             # <= 128; 32 keys, 3 stages above, which fit shared memory: tests/kernels/test_compile_sm90.py).
             block_m, block_m_own, block_n, num_warps, num_stages = tile_config(64, 16, head_dim, 64)
-            self.plan = allocate_plan(b, 2 * num_kv_heads * b + 4096, 16 * b + 4096, num_q_heads, head_dim, device,
+            self.plan = allocate_plan(b, 2 * num_kv_heads * b + 4096, 4 * b + 4096, num_q_heads, head_dim, device,
                                       block_m=block_m, block_m_own=block_m_own, block_n=block_n,
                                       num_warps=num_warps, num_stages=num_stages)
         self._reset_padding(0, b)

@@ -353,3 +353,28 @@ def test_decode_graph_static_plan_holds_a_full_batch_of_groups_of_one():
     plan_attention(np.arange(b + 1), np.full(b, 300), np.arange(b), np.full(b, 2000), *cache.num_heads,
                    model.device, buffers=graphs.plan, num_sms=132)
     assert int(graphs.plan.num_items) >= 2 * 8 * b
+
+
+def test_decode_graph_static_plan_takes_a_w_paper_step_and_a_long_single_sequence():
+    # W-paper's decode step (800 sequences in 50 groups of 16, GQA 28/4, prefix 2000) on the 1024 graph's
+    # static plan, and one sequence of 30k own tokens (split into many KV chunks) on the same buffers.
+    import numpy as np
+
+    from batchllm_hf.engine.decode_graphs import DecodeGraphs
+    from batchllm_hf.kernels.attention_plan import plan_attention
+
+    model = tiny_model("qwen2", num_kv_heads=4, ratio=7, head_dim=16)
+    cache = Engine(model, EngineConfig(page_size=4, num_pages=64, attention_backend="triton"))._kv_cache()
+    b = 1024
+    graphs = DecodeGraphs(model, cache, None, max_size=b, table_width=8, capture=False)
+    n = 800
+    rng = np.random.default_rng(3)
+    own = np.concatenate([rng.integers(200, 300, n), np.ones(b - n, dtype=np.int64)])
+    groups = np.concatenate([np.repeat(np.arange(50), 16), np.full(b - n, -1)])
+    plan = plan_attention(np.arange(b + 1), own, groups, np.full(50, 2000), *cache.num_heads, model.device,
+                          buffers=graphs.plan, num_sms=132)
+    parts = plan.num_parts[:b].numpy()
+    assert (parts[:n] == 2).all() and (parts[n:] == 1).all()  # prefix + own per member, unsplit
+    plan = plan_attention(np.arange(2), np.array([30000]), np.array([-1]), np.zeros(1, dtype=np.int64),
+                          *cache.num_heads, model.device, buffers=graphs.plan, num_sms=132)
+    assert int(plan.num_parts[0]) > 8  # the long sequence was split across programs

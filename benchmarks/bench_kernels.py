@@ -2,6 +2,7 @@
 
     benchmarks/gpu_kernels.sh OUT_DIR --check          # CUDA kernel tests, real-shape checks, full grid
     python benchmarks/bench_kernels.py --quick --sweep  # headline rows + a tile-configuration sweep
+    python benchmarks/bench_kernels.py --decode-variants --prefill-variants  # kernel variants only (~2 min)
 
 Decode: G groups x B members (G * B = --requests, default 256), prefix P, own length S (incl. the new
 token), Hkv 8, head_dim 128, bf16, page_size 16, pages handed out in random order; grid P in {512, 2048,
@@ -208,6 +209,108 @@ def sweep_tiles() -> list[dict]:
     return rows
 
 
+DECODE_VARIANT_STEPS = [  # (groups, members, prefix, own, ratio, KV heads)
+    (8, 32, 2048, 256, 4, 8),     # the issue's 3x-SDPA row
+    (8, 32, 2048, 1024, 4, 8),
+    (1, 256, 2048, 64, 8, 8),     # one large group, short own KV (latency-bound own items)
+    (256, 1, 2048, 64, 8, 8),     # groups of one
+    (64, 4, 2048, 1024, 4, 8),
+    (50, 16, 2000, 250, 7, 4),    # W-paper's decode step (Qwen2.5-7B heads: 28 / 4)
+]
+# (name, plan overrides): block_m (prefix and own row tiles; own decode rows use 16-row tiles anyway),
+# block_m_own after planning (16: the CUDA-graph plan's), warps, stages of the main loop, stages of the
+# masked loop (None: the main loop's).
+DECODE_VARIANTS = [
+    ("planner (engine default)", {}),
+    ("planner, masked loop 1 stage", {"masked_stages": 1}),
+    ("CUDA-graph plan tiles (64-row prefix)", {"block_m": 64, "block_m_own": 16}),
+    ("CUDA-graph plan tiles, masked loop 1 stage", {"block_m": 64, "block_m_own": 16, "masked_stages": 1}),
+    ("16-row tiles", {"block_m": 16}),
+    ("16-row tiles, masked loop 1 stage", {"block_m": 16, "masked_stages": 1}),
+    ("16-row tiles, masked 1 stage, main 3 stages", {"block_m": 16, "masked_stages": 1, "num_stages": 3}),
+    ("16-row tiles, 8 warps, masked loop 1 stage", {"block_m": 16, "masked_stages": 1, "num_warps": 8}),
+]
+
+
+def decode_variants(ceilings) -> list[dict]:
+    """Decode steps under kernel variants that change occupancy (benchmarks/compile_check.py: 16-row tiles
+    need 168 registers instead of 255, 109 with 8 warps; an unpipelined masked loop cuts shared memory from
+    102-112 KiB to 38-80 KiB): time, fraction of copy bandwidth on the must-read bytes, and the max error
+    against the torch reference (each variant is also a correctness check of that kernel build on the GPU)."""
+    rows = []
+    for groups, members, prefix, own, ratio, kv_heads in DECODE_VARIANT_STEPS:
+        q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio, num_kv_heads=kv_heads)
+        scale = HEAD_DIM ** -0.5
+        must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
+                     + 2 * q.numel() * q.element_size())
+        ref_out, _ = paged_attention_reference(q, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
+        for name, change in DECODE_VARIANTS:
+            plan = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=change.get("block_m"))
+            plan.block_m_own = change.get("block_m_own", plan.block_m_own)
+            plan.num_warps = change.get("num_warps", plan.num_warps)
+            plan.num_stages = change.get("num_stages", plan.num_stages)
+            plan.masked_stages = change.get("masked_stages")
+            try:
+                out.fill_(float("nan"))
+                t = timed(lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan))
+                err = (out.float() - ref_out.float()).abs().max().item()
+            except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: report, go on
+                t, err = float("nan"), repr(error)[:120]
+            rows.append(dict(step=[groups, members, prefix, own, ratio, kv_heads], variant=name, time_us=t * 1e6,
+                             frac_copy_bw=must_read / t / 1e9 / ceilings["copy_GBps"], max_err=err,
+                             tiles=[plan.block_m, plan.block_m_own, plan.block_n, plan.num_warps, plan.num_stages]))
+            print("  variant", rows[-1], flush=True)
+    print("\n| step (G, B, P, S, GQA, Hkv) | " + " | ".join(name for name, _ in DECODE_VARIANTS) + " |")
+    print("|---" * (len(DECODE_VARIANTS) + 1) + "|")
+    for i in range(0, len(rows), len(DECODE_VARIANTS)):
+        cells = [f"{r['time_us']:.0f} us {100 * r['frac_copy_bw']:.0f}%" for r in rows[i:i + len(DECODE_VARIANTS)]]
+        print(f"| {rows[i]['step']} | " + " | ".join(cells) + " |")
+    return rows
+
+
+PREFILL_VARIANT_STEPS = [(4, 512, 2048, 4), (4, 512, 8192, 4), (4, 512, 2048, 7)]  # (members, chunk, prefix, GQA)
+PREFILL_VARIANTS = [  # (name, (block_m, block_n, warps, stages, masked-loop stages or None))
+    ("planner (128, 32, 4w, 3st)", (128, 32, 4, 3, None)),
+    ("planner, masked loop 1 stage", (128, 32, 4, 3, 1)),
+    ("128 x 64, 8 warps, 3 stages", (128, 64, 8, 3, None)),
+    ("128 x 64, 8 warps, 3 stages, masked 1 stage", (128, 64, 8, 3, 1)),
+    ("128 x 128, 8 warps, 2 stages, masked 1 stage", (128, 128, 8, 2, 1)),
+    ("64 x 64, 4 warps, 3 stages, masked 1 stage", (64, 64, 4, 3, 1)),
+]
+
+
+def prefill_variants(ceilings) -> list[dict]:
+    """Prefill chunks (members of one group, each a chunk of its first tokens against the group prefix)
+    under tile variants: time, TFLOP/s over the useful FLOPs as a fraction of the measured matmul rate, and
+    the max error against the torch reference."""
+    rows = []
+    for members, chunk, prefix, ratio in PREFILL_VARIANT_STEPS:
+        q, k_cache, v_cache, meta = make_step(1, members, prefix, chunk, chunk, ratio)
+        scale = HEAD_DIM ** -0.5
+        flops = 4 * q.shape[1] * HEAD_DIM * members * chunk * (prefix + (chunk + 1) / 2)
+        ref_out, _ = paged_attention_reference(q, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
+        for name, (bm, bn, warps, stages, masked) in PREFILL_VARIANTS:
+            plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, block_m=bm)
+            plan.block_n, plan.num_warps, plan.num_stages, plan.masked_stages = bn, warps, stages, masked
+            try:
+                out.fill_(float("nan"))
+                t = timed(lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan))
+                err = (out.float() - ref_out.float()).abs().max().item()
+            except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: report, go on
+                t, err = float("nan"), repr(error)[:120]
+            rows.append(dict(step=[members, chunk, prefix, ratio], variant=name, time_us=t * 1e6,
+                             frac_matmul=flops / t / 1e12 / ceilings["matmul_TFLOPs"], max_err=err))
+            print("  variant", rows[-1], flush=True)
+    print("\n| step (members, chunk, P, GQA) | " + " | ".join(name for name, _ in PREFILL_VARIANTS) + " |")
+    print("|---" * (len(PREFILL_VARIANTS) + 1) + "|")
+    for i in range(0, len(rows), len(PREFILL_VARIANTS)):
+        cells = [f"{r['time_us']:.0f} us {100 * r['frac_matmul']:.0f}%" for r in rows[i:i + len(PREFILL_VARIANTS)]]
+        print(f"| {rows[i]['step']} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def check_against_reference() -> list[dict]:
     """Real-shape correctness: outputs and lse vs paged_attention_reference, plus a CUDA-graph replay."""
     results = []
@@ -267,12 +370,24 @@ def main() -> None:
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="time tile configurations first")
+    parser.add_argument("--decode-variants", action="store_true",
+                        help="only: decode steps under occupancy variants (about 1 minute), then exit")
+    parser.add_argument("--prefill-variants", action="store_true",
+                        help="only: prefill chunks under tile variants (about 1 minute), then exit")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--out", default="bench_kernels.json")
     args = parser.parse_args()
     ceilings = device_ceilings()
     print(json.dumps(ceilings))
     report = {"ceilings": ceilings, "check": [], "rows": []}
+    if args.decode_variants or args.prefill_variants:
+        if args.decode_variants:
+            report["decode_variants"] = decode_variants(ceilings)
+        if args.prefill_variants:
+            report["prefill_variants"] = prefill_variants(ceilings)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        return
     if args.check:
         report["check"] = check_against_reference()
         print("check:", "ALL OK" if all(c["ok"] for c in report["check"]) else "FAILURES", flush=True)

@@ -10,8 +10,13 @@ memory: errors the CPU interpreter cannot show.
 
 What it showed (triton 3.9, 2026-11-29): every attention configuration uses all 255 registers, so at most
 2 programs of 4 warps fit an SM whatever the tile; 128-row tiles with 4 warps spill (600-1250 bytes), and
-even a kernel of 16-row tiles alone needs about 165 registers. The GPU runs triton 3.6, whose allocation
-may differ: a lead to check there, not a measurement of it.
+even a kernel of 16-row tiles alone needs about 165 registers. The 255 are real demand, not ptxas spreading
+out: capped with maxnreg=168 the CUDA-graph decode configuration spills 660 bytes. Shared memory limits
+occupancy too: 112 KiB for the graph decode configuration and 102 KiB for 16-row tiles alone (2 programs
+per SM either way), half of it the pipeline buffers of the masked key loop, which runs only the causal
+diagonal and the tail (1-2 blocks). Unpipelined (MASKED_STAGES=1) it takes 80 and 38 KiB, so 16-row tiles
+(168 registers; 109 with 8 warps) could run 3 programs per SM. The GPU runs triton 3.6, whose allocation
+may differ: a lead to check there (`bench_kernels.py --decode-variants`), not a measurement of it.
 """
 
 from __future__ import annotations
@@ -73,7 +78,8 @@ def compile_kernel(jit_fn, types: dict, constexprs: dict, num_warps: int = 4, nu
 
 
 def attention(head_dim: int, block_m: int, block_m_own: int, block_n: int, num_warps: int, num_stages: int,
-              has_wide: bool, dtype: str = "bf16", num_kv_heads: int = 8) -> dict:
+              has_wide: bool, dtype: str = "bf16", num_kv_heads: int = 8, masked_stages: int | None = None,
+              maxnreg: int | None = None) -> dict:
     """Compile `_partial_attention_kernel` as the launcher would for this tile configuration."""
     types = {}
     for p in inspect.signature(attention_kernels._partial_attention_kernel.fn).parameters:
@@ -90,10 +96,10 @@ def attention(head_dim: int, block_m: int, block_m_own: int, block_n: int, num_w
                       BLOCK_N=block_n, BLOCK_N_WIDE=block_n_wide,
                       KV_HEADS_TILE=min(triton.next_power_of_2(num_kv_heads), block_n_wide), HAS_WIDE=has_wide,
                       PAGE_SIZE=64, NUM_FIELDS=10, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                      DOT_DTYPE=_TL[dtype])
+                      DOT_DTYPE=_TL[dtype], MASKED_STAGES=masked_stages or num_stages)
     divisible = [p for p in types if p.endswith("_ptr") or p.startswith("stride_")]
     return compile_kernel(attention_kernels._partial_attention_kernel, types, constexprs, num_warps, num_stages,
-                          divisible)
+                          divisible, **({"maxnreg": maxnreg} if maxnreg else {}))
 
 
 def fused_kernels(dtype: str = "bf16") -> dict:
@@ -125,6 +131,12 @@ CONFIGS = [  # (name, (head_dim, block_m, block_m_own, block_n, num_warps, num_s
     ("head_dim 256 with wide items", (256, 64, 64, 32, 4, 3, True)),
     ("head_dim 64 decode", (64, 64, 16, 64, 4, 2, False)),
     ("16-row tiles only (bm 16, own 16, bn 64, 4w, 2st)", (128, 16, 16, 64, 4, 2, False)),
+    # the masked key loop (diagonal and tail, 1-2 blocks) unpipelined: its buffers no longer take shared memory
+    ("decode, CUDA-graph plan, masked loop 1 stage", (128, 64, 16, 64, 4, 2, False, "bf16", 8, 1)),
+    ("prefill, masked loop 1 stage", (128, 128, 128, 32, 4, 3, False, "bf16", 8, 1)),
+    ("16-row tiles only, masked loop 1 stage", (128, 16, 16, 64, 4, 2, False, "bf16", 8, 1)),
+    ("16-row tiles only, 8 warps, masked loop 1 stage", (128, 16, 16, 64, 8, 2, False, "bf16", 8, 1)),
+    ("CUDA-graph plan at maxnreg 168 (3 programs / SM)", (128, 64, 16, 64, 4, 2, False, "bf16", 8, 1, 168)),
 ]
 
 

@@ -80,6 +80,7 @@ class PagedAttentionPlan:
     num_stages: int
     needs_merge: bool          # False only when no token has several partials (merge launch skipped)
     num_programs: int          # programs along the item axis (each loops over items with this stride)
+    masked_stages: int | None = None  # pipeline stages of the masked key loop (None: num_stages)
 
 
 def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:
@@ -120,7 +121,8 @@ def _next_power_of_2(n: int) -> int:
 def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: int, head_dim: int,
                   device: torch.device | str, *, block_m: int = 16, block_m_own: int = 16, block_n: int = 64,
                   block_m_wide: int | None = None, block_n_wide: int | None = None, wide: bool = False,
-                  num_warps: int = 4, num_stages: int = 3, num_programs: int | None = None) -> PagedAttentionPlan:
+                  num_warps: int = 4, num_stages: int = 3, num_programs: int | None = None,
+                  masked_stages: int | None = None) -> PagedAttentionPlan:
     """Static buffers for CUDA-graph capture (fill them with `plan_paged_attention(..., buffers=plan)`).
 
     The kernel's grid has `num_programs` programs whatever max_items is (default: 8 per SM of the device),
@@ -141,7 +143,7 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
         part_lse=torch.empty((max(max_parts, 1), num_q_heads), dtype=torch.float32, device=device),
         block_m=block_m, block_m_own=block_m_own, block_n=block_n, block_m_wide=block_m_wide or default_m_wide,
         block_n_wide=block_n_wide or default_n_wide, has_wide=wide, num_warps=num_warps, num_stages=num_stages,
-        needs_merge=True, num_programs=min(num_programs, max_items),
+        needs_merge=True, num_programs=min(num_programs, max_items), masked_stages=masked_stages,
     )
 
 

@@ -82,6 +82,7 @@ def _partial_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    MASKED_STAGES: tl.constexpr,
 ):
     # Grid-stride over the items: one item per program for a plan made for this step (grid = its items),
     # several for a static plan (grid = a few programs per SM, whatever the capacity: no idle tail).
@@ -112,22 +113,22 @@ def _partial_attention_kernel(
                              table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
                              head_stride, stride_ot, stride_oh, 0, num_q_heads, ratio, num_q_heads, num_kv_heads,
                              qk_scale, HEAD_DIM, BLOCK_M_WIDE, BLOCK_N_WIDE, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION,
-                             DOT_DTYPE)
+                             DOT_DTYPE, MASKED_STAGES)
         elif kind >= 2:
             _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
                          num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
                          stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
-                         HEAD_DIM, 16, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
+                         HEAD_DIM, 16, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES)
         elif kind == 1:
             _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
                          num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
                          stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
-                         HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
+                         HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES)
         else:
             _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
                          num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
                          stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
-                         HEAD_DIM, BLOCK_M_OWN, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE)
+                         HEAD_DIM, BLOCK_M_OWN, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES)
 
 
 @triton.jit
@@ -137,7 +138,7 @@ def _attend_tile(
     stride_qt, stride_qh, page_stride, token_stride, head_stride, stride_ot, stride_oh,
     kv_head, row_heads, ratio, num_q_heads, num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_HEADS_TILE: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, MASKED_STAGES: tl.constexpr,
 ):
     """One tile of rows against one KV range. Rows: row = token * row_heads + h, query head
     kv_head * ratio + h (one KV head: row_heads = ratio; wide: row_heads = Hq, kv_head = 0). Columns: key
@@ -180,7 +181,9 @@ def _attend_tile(
                                       column_offset, columns, column_heads, dims, positions, heads, ratio,
                                       num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
                                       False)
-    for start in range(full_hi, kv_hi, step):
+    # The masked loop runs the causal diagonal and the tail: a block or two (one in decode). MASKED_STAGES=1
+    # leaves it unpipelined, which frees its shared-memory buffers (benchmarks/compile_check.py).
+    for start in tl.range(full_hi, kv_hi, step, num_stages=MASKED_STAGES):
         acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride, token_stride,
                                       column_offset, columns, column_heads, dims, positions, heads, ratio,
                                       num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
@@ -343,6 +346,7 @@ def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, pref
         # The CPU interpreter (triton 3.9) computes bf16 dots wrongly: there, dots run in fp32 on the same
         # bf16-rounded operands.
         DOT_DTYPE=_TL_DTYPES[q.dtype] if q.is_cuda else tl.float32,
+        MASKED_STAGES=plan.masked_stages or plan.num_stages,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if plan.needs_merge:

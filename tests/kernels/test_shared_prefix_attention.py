@@ -33,7 +33,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def run_and_compare(groups, num_q_heads, num_kv_heads, head_dim, dtype, *, page_size=16, decode=False, seed=0,
-                    block_n=None, **plan_kwargs):
+                    block_n=None, masked_stages=None, **plan_kwargs):
     q, k_cache, v_cache, meta = random_paged_step(groups, num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                                                   DEVICE, seed)
     scaling = head_dim ** -0.5
@@ -41,6 +41,7 @@ def run_and_compare(groups, num_q_heads, num_kv_heads, head_dim, dtype, *, page_
     plan.part_out.fill_(float("nan"))  # a workspace slot the kernel forgets to write poisons the merge
     plan.part_lse.fill_(float("nan"))
     plan.block_n = block_n or plan.block_n
+    plan.masked_stages = masked_stages or plan.masked_stages
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), device=q.device)
     launcher = shared_prefix_decode if decode else shared_prefix_prefill
@@ -124,6 +125,15 @@ def test_prefill_chunks_of_several_members(q_len, ratio):
     # group, one in a group of its own: the small-tile items mixed with the large ones).
     groups = [(128, [(q_len, q_len), (q_len + 20, q_len), (1, 1)]), (13, [(5, 1)]), (None, [(q_len + 3, q_len)])]
     run_and_compare(groups, ratio, 1, 64, torch.float16, seed=q_len)
+
+
+@pytest.mark.parametrize("masked_stages", [1, 2])
+def test_masked_loop_stages(masked_stages):
+    # The masked key loop (causal diagonal, tails) with its own pipeline depth (a sweep variant on the GPU):
+    # prefill chunks crossing the diagonal, decode tails, a KV split.
+    groups = [(70, [(37, 20), (5, 1), (3, 1)]), (None, [(45, 45)])]
+    plan = run_and_compare(groups, 8, 2, 64, torch.float16, masked_stages=masked_stages, chunk=32, block_m=32)
+    assert plan.masked_stages == masked_stages
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -210,12 +210,12 @@ def sweep_tiles() -> list[dict]:
 
 
 DECODE_VARIANT_STEPS = [  # (groups, members, prefix, own, ratio, KV heads)
+    (50, 16, 2000, 250, 7, 4),    # W-paper's decode step (Qwen2.5-7B heads: 28 / 4)
     (8, 32, 2048, 256, 4, 8),     # the 3x-SDPA row
     (8, 32, 2048, 1024, 4, 8),
     (1, 256, 2048, 64, 8, 8),     # one large group, short own KV (latency-bound own items)
     (256, 1, 2048, 64, 8, 8),     # groups of one
     (64, 4, 2048, 1024, 4, 8),
-    (50, 16, 2000, 250, 7, 4),    # W-paper's decode step (Qwen2.5-7B heads: 28 / 4)
 ]
 # (name, plan overrides): block_m (prefix and own row tiles; own decode rows use 16-row tiles anyway),
 # block_m_own after planning (16: the CUDA-graph plan's), warps, stages of the main loop, stages of the

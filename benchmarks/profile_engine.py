@@ -198,6 +198,7 @@ def kernel_profile(model, prompts, new_tokens, config, first=20, count=5, kind="
         if mine and state["seen"] == first + count - 1:
             torch.cuda.synchronize()
             state["prof"].stop()
+            state["stopped"] = True
         return out
 
     runner_module.ModelRunner.run = run
@@ -206,6 +207,12 @@ def kernel_profile(model, prompts, new_tokens, config, first=20, count=5, kind="
         engine.generate(prompts, _generation_config(new_tokens))
     finally:
         runner_module.ModelRunner.run = original
+        if state["prof"] is not None and not state.get("stopped"):
+            torch.cuda.synchronize()
+            state["prof"].stop()  # the run had fewer steps than the window: profile what it saw
+    if state["prof"] is None:
+        return [f"  no {kind} step {first} in this run ({state['seen']} {kind} steps): nothing profiled"]
+    count = min(count, state["seen"] - first + 1)
     totals = {}
     for event in state["prof"].events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
@@ -234,7 +241,7 @@ def main():
     parser.add_argument("--decode-at", default="20", help="--kernels: first decode step of each 5-step window")
     parser.add_argument("--steps", action="store_true",
                         help="only the synchronized per-step wall times (every decode step listed)")
-    parser.add_argument("--graph-batch", default="256", help="--steps / --gaps: max_graph_batch values to compare")
+    parser.add_argument("--graph-batch", default="1024", help="--steps / --gaps: max_graph_batch values to compare")
     parser.add_argument("--host", action="store_true", help="only a cProfile of the host in decode steps")
     parser.add_argument("--gaps", action="store_true", help="only the unsynchronized run's device busy / idle time "
                         "per step kind, a sync-debug run, and a kernel profile of graphed decode steps")
@@ -266,7 +273,7 @@ def main():
             _free("cuda")
             for size in map(int, args.graph_batch.split(",")):
                 sized = EngineConfig(**{**config.__dict__, "max_graph_batch": size})
-                if size != 256:
+                if size != EngineConfig().max_graph_batch:  # the warm-up above ran the default size
                     Engine(model, sized).generate(prompts, _generation_config(w.output))
                     _free("cuda")
                 lines += decode_host_profile(model, prompts, w.output, sized, f"{args.out}/host_{name}_{size}.txt")
@@ -281,7 +288,7 @@ def main():
             lines.append(f"{name}:")
             for size in map(int, args.graph_batch.split(",")):
                 sized = EngineConfig(**{**config.__dict__, "max_graph_batch": size})
-                if size != 256:
+                if size != EngineConfig().max_graph_batch:  # the warm-up above ran the default size
                     Engine(model, sized).generate(prompts, _generation_config(w.output))
                     _free("cuda")
                 lines += gap_profile(model, prompts, w.output, sized)
@@ -300,7 +307,8 @@ def main():
             _free("cuda")
             for size in map(int, args.graph_batch.split(",")):
                 sized = EngineConfig(**{**config.__dict__, "max_graph_batch": size})
-                if size != 256:  # capture and compile the new sizes outside the timed run
+                if size != EngineConfig().max_graph_batch:  # compile the kernels this size adds (graph
+                    # captures happen again in the timed run, as in the benchmark: each Engine has its own)
                     Engine(model, sized).generate(prompts, _generation_config(w.output))
                     _free("cuda")
                 build, loop, steps, phases = timed_steps(model, prompts, w.output, sized)

@@ -181,8 +181,9 @@ def _attend_tile(
                                       column_offset, columns, column_heads, dims, positions, heads, ratio,
                                       num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
                                       False)
-    # The masked loop runs the causal diagonal and the tail: a block or two (one in decode). MASKED_STAGES=1
-    # leaves it unpipelined, which frees its shared-memory buffers (benchmarks/compile_check.py).
+    # The masked loop runs the causal diagonal and the tail: a block or two (one in decode), but the whole
+    # range for wide items. MASKED_STAGES=1 leaves it unpipelined, which frees its shared-memory buffers
+    # (benchmarks/compile_check.py).
     for start in tl.range(full_hi, kv_hi, step, num_stages=MASKED_STAGES):
         acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride, token_stride,
                                       column_offset, columns, column_heads, dims, positions, heads, ratio,

@@ -24,7 +24,8 @@ class EngineConfig:
                          multiples of 128 up to it (a step pads to the next size); larger decode steps run
                          eagerly. A size is captured once it will serve at least a few steps
                          (decode_graphs.py). Each captured size keeps its logits (a size of 1024 holds 256 MB of
-                         bf16 logits for a 128k vocabulary).
+                         bf16 logits for a 128k vocabulary; all 15 sizes up to 1024, 1.2 GB); lower it on a GPU
+                         with little memory left beside the KV pool.
     attention_backend:   "triton", "sdpa" or "reference" (kv_pool.PagedCache); None picks the fastest here.
     overlap_steps:       launch step N+1 before reading step N's tokens back (same outputs; off: one step at
                          a time, the host idle while the device runs and the other way round).

@@ -78,14 +78,18 @@ class DecodeGraphs:
         if cache.backend == "triton":
             num_q_heads, _, head_dim = cache.num_heads
             num_kv_heads = cache.num_heads[1]
-            # Unsplit, a decode step has at most 2 items (own + prefix tile) per sequence and KV head, and 2
-            # partial results per sequence; the headroom takes KV splits (the plan coarsens them until the
-            # step fits; large batches fill the GPU unsplit). Partials cost Hq * head_dim * 4 bytes each:
-            # 4 * b + 4096 of them is 134 MB at b = 1024 for Llama-3-8B (16 * b + 4096 was 335 MB).
+            # Unsplit, a decode step has per sequence and KV head ceil(ratio / 16) own tiles (16-row tiles)
+            # plus at most ceil(ratio / 64) prefix tiles (a group of one; larger groups share theirs): 2
+            # items for GQA ratios up to 16. It has 2 partial results per sequence (prefix + own). The
+            # headroom takes KV splits (the plan coarsens them until the step fits; large batches fill the
+            # GPU unsplit). Partials cost Hq * head_dim * 4 bytes each: 4 * b + 4096 of them is 134 MB at
+            # b = 1024 for Llama-3-8B (16 * b + 4096 was 335 MB).
             # Tiles of the planner's decode choice for 64-row groups (64 keys, 4 warps, 2 stages at head_dim
             # <= 128; 32 keys, 3 stages above, which fit shared memory: tests/kernels/test_compile_sm90.py).
             block_m, block_m_own, block_n, num_warps, num_stages = tile_config(64, 16, head_dim, 64)
-            self.plan = allocate_plan(b, 2 * num_kv_heads * b + 4096, 4 * b + 4096, num_q_heads, head_dim, device,
+            ratio = num_q_heads // num_kv_heads
+            tiles = -(-ratio // 16) + -(-ratio // 64)
+            self.plan = allocate_plan(b, tiles * num_kv_heads * b + 4096, 4 * b + 4096, num_q_heads, head_dim, device,
                                       block_m=block_m, block_m_own=block_m_own, block_n=block_n,
                                       num_warps=num_warps, num_stages=num_stages)
         self._reset_padding(0, b)
@@ -115,6 +119,10 @@ class DecodeGraphs:
         return (self.enabled and num_seqs <= self.sizes[-1] and step.meta.own_pages.shape[1] <= self.table_width
                 and step.meta.prefix_pages.shape[1] <= self.table_width
                 and step.meta.prefix_pages.shape[0] <= self.sizes[-1])
+
+    def admitted_size(self, n: int) -> bool:
+        """Whether a decode step of n sequences already has its size taken (no hint needed)."""
+        return next((s for s in self.sizes if s >= n), None) in self.admitted
 
     def expected_steps(self, n: int, remaining: np.ndarray) -> int:
         """Steps until fewer sequences than the next smaller size are left, if each of the n running sequences

@@ -173,7 +173,8 @@ class ModelRunner:
         graphs = self.decode_graphs
         if graphs is not None and all(c.length == 1 and c.sample for c in chunks) and graphs.fits(len(chunks), step):
             # expected tokens still to come per sequence: whether this size is worth a capture
-            remaining = np.fromiter((_remaining(c.seq) for c in chunks), dtype=np.int64, count=len(chunks))
+            remaining = None if graphs.admitted_size(len(chunks)) else np.fromiter(
+                (_remaining(c.seq) for c in chunks), dtype=np.int64, count=len(chunks))
             logits = graphs.run(input_ids, position_ids, step, host, remaining)
             if logits is not None:
                 return logits.float()

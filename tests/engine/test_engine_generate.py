@@ -378,3 +378,20 @@ def test_decode_graph_static_plan_takes_a_w_paper_step_and_a_long_single_sequenc
     plan = plan_attention(np.arange(2), np.array([30000]), np.array([-1]), np.zeros(1, dtype=np.int64),
                           *cache.num_heads, model.device, buffers=graphs.plan, num_sms=132)
     assert int(plan.num_parts[0]) > 8  # the long sequence was split across programs
+
+
+def test_decode_graph_static_plan_holds_groups_of_one_at_a_large_gqa_ratio():
+    # GQA ratio 64: a decode row set of one token is 64 rows, so 4 own tiles of 16 rows plus a 64-row prefix
+    # tile per sequence and KV head, unsplit; the 1024 graph's static plan must take such a step.
+    import numpy as np
+
+    from batchllm_hf.engine.decode_graphs import DecodeGraphs
+    from batchllm_hf.kernels.attention_plan import plan_attention
+
+    model = tiny_model("llama", num_kv_heads=2, ratio=64, head_dim=16)
+    cache = Engine(model, EngineConfig(page_size=4, num_pages=64, attention_backend="triton"))._kv_cache()
+    b = 1024
+    graphs = DecodeGraphs(model, cache, None, max_size=b, table_width=8, capture=False)
+    plan = plan_attention(np.arange(b + 1), np.full(b, 300), np.arange(b), np.full(b, 2000), *cache.num_heads,
+                          model.device, buffers=graphs.plan, num_sms=132)
+    assert int(plan.num_items) == (4 + 1) * 2 * b

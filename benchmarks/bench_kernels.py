@@ -232,6 +232,25 @@ DECODE_VARIANTS = [
 ]
 
 
+def _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out) -> tuple[float, float | str]:
+    """(seconds, max abs error vs the reference) of one planned step; (nan, the error) if it fails."""
+    try:
+        out.fill_(float("nan"))
+        t = timed(lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan))
+        return t, (out.float() - ref_out.float()).abs().max().item()
+    except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: report, go on
+        return float("nan"), repr(error)[:120]
+
+
+def _print_variant_table(header: str, variants: list, rows: list[dict], metric: str) -> None:
+    """One markdown row per step: time and `metric` (a fraction, shown in %) of each variant."""
+    print(f"\n| {header} | " + " | ".join(name for name, _ in variants) + " |")
+    print("|---" * (len(variants) + 1) + "|")
+    for i in range(0, len(rows), len(variants)):
+        cells = [f"{r['time_us']:.0f} us {100 * r[metric]:.0f}%" for r in rows[i:i + len(variants)]]
+        print(f"| {rows[i]['step']} | " + " | ".join(cells) + " |")
+
+
 def decode_variants(ceilings) -> list[dict]:
     """Decode steps under kernel variants that change occupancy (benchmarks/compile_check.py: 16-row tiles
     need 168 registers instead of 255, 109 with 8 warps; an unpipelined masked loop cuts shared memory from
@@ -251,21 +270,12 @@ def decode_variants(ceilings) -> list[dict]:
             plan.num_warps = change.get("num_warps", plan.num_warps)
             plan.num_stages = change.get("num_stages", plan.num_stages)
             plan.masked_stages = change.get("masked_stages")
-            try:
-                out.fill_(float("nan"))
-                t = timed(lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan))
-                err = (out.float() - ref_out.float()).abs().max().item()
-            except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: report, go on
-                t, err = float("nan"), repr(error)[:120]
+            t, err = _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out)
             rows.append(dict(step=[groups, members, prefix, own, ratio, kv_heads], variant=name, time_us=t * 1e6,
                              frac_copy_bw=must_read / t / 1e9 / ceilings["copy_GBps"], max_err=err,
                              tiles=[plan.block_m, plan.block_m_own, plan.block_n, plan.num_warps, plan.num_stages]))
             print("  variant", rows[-1], flush=True)
-    print("\n| step (G, B, P, S, GQA, Hkv) | " + " | ".join(name for name, _ in DECODE_VARIANTS) + " |")
-    print("|---" * (len(DECODE_VARIANTS) + 1) + "|")
-    for i in range(0, len(rows), len(DECODE_VARIANTS)):
-        cells = [f"{r['time_us']:.0f} us {100 * r['frac_copy_bw']:.0f}%" for r in rows[i:i + len(DECODE_VARIANTS)]]
-        print(f"| {rows[i]['step']} | " + " | ".join(cells) + " |")
+    _print_variant_table("step (G, B, P, S, GQA, Hkv)", DECODE_VARIANTS, rows, "frac_copy_bw")
     return rows
 
 
@@ -294,20 +304,11 @@ def prefill_variants(ceilings) -> list[dict]:
         for name, (bm, bn, warps, stages, masked) in PREFILL_VARIANTS:
             plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, block_m=bm)
             plan.block_n, plan.num_warps, plan.num_stages, plan.masked_stages = bn, warps, stages, masked
-            try:
-                out.fill_(float("nan"))
-                t = timed(lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan))
-                err = (out.float() - ref_out.float()).abs().max().item()
-            except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: report, go on
-                t, err = float("nan"), repr(error)[:120]
+            t, err = _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out)
             rows.append(dict(step=[members, chunk, prefix, ratio], variant=name, time_us=t * 1e6,
                              frac_matmul=flops / t / 1e12 / ceilings["matmul_TFLOPs"], max_err=err))
             print("  variant", rows[-1], flush=True)
-    print("\n| step (members, chunk, P, GQA) | " + " | ".join(name for name, _ in PREFILL_VARIANTS) + " |")
-    print("|---" * (len(PREFILL_VARIANTS) + 1) + "|")
-    for i in range(0, len(rows), len(PREFILL_VARIANTS)):
-        cells = [f"{r['time_us']:.0f} us {100 * r['frac_matmul']:.0f}%" for r in rows[i:i + len(PREFILL_VARIANTS)]]
-        print(f"| {rows[i]['step']} | " + " | ".join(cells) + " |")
+    _print_variant_table("step (members, chunk, P, GQA)", PREFILL_VARIANTS, rows, "frac_matmul")
     return rows
 
 

@@ -231,6 +231,18 @@ def kernel_profile(model, prompts, new_tokens, config, first=20, count=5, kind="
     return rows
 
 
+def sized_configs(model, prompts, new_tokens, config, sizes: str):
+    """(size, config) per max_graph_batch in the comma-separated `sizes`; a size other than the default
+    (which main's warm-up ran) gets its own untimed run first, to compile the kernels it adds (graph
+    captures happen again in the measured run, as in the benchmark: each Engine has its own)."""
+    for size in map(int, sizes.split(",")):
+        sized = EngineConfig(**{**config.__dict__, "max_graph_batch": size})
+        if size != EngineConfig().max_graph_batch:
+            Engine(model, sized).generate(prompts, _generation_config(new_tokens))
+            _free("cuda")
+        yield size, sized
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workloads", default="W-1B")
@@ -271,11 +283,7 @@ def main():
         if args.host:
             del engine
             _free("cuda")
-            for size in map(int, args.graph_batch.split(",")):
-                sized = EngineConfig(**{**config.__dict__, "max_graph_batch": size})
-                if size != EngineConfig().max_graph_batch:  # the warm-up above ran the default size
-                    Engine(model, sized).generate(prompts, _generation_config(w.output))
-                    _free("cuda")
+            for size, sized in sized_configs(model, prompts, w.output, config, args.graph_batch):
                 lines += decode_host_profile(model, prompts, w.output, sized, f"{args.out}/host_{name}_{size}.txt")
                 _free("cuda")
             print(*lines, sep="\n", flush=True)
@@ -286,11 +294,7 @@ def main():
             del engine
             _free("cuda")
             lines.append(f"{name}:")
-            for size in map(int, args.graph_batch.split(",")):
-                sized = EngineConfig(**{**config.__dict__, "max_graph_batch": size})
-                if size != EngineConfig().max_graph_batch:  # the warm-up above ran the default size
-                    Engine(model, sized).generate(prompts, _generation_config(w.output))
-                    _free("cuda")
+            for size, sized in sized_configs(model, prompts, w.output, config, args.graph_batch):
                 lines += gap_profile(model, prompts, w.output, sized)
                 print(*lines[-3:], sep="\n", flush=True)
                 _free("cuda")
@@ -305,12 +309,7 @@ def main():
         if args.steps:
             del engine
             _free("cuda")
-            for size in map(int, args.graph_batch.split(",")):
-                sized = EngineConfig(**{**config.__dict__, "max_graph_batch": size})
-                if size != EngineConfig().max_graph_batch:  # compile the kernels this size adds (graph
-                    # captures happen again in the timed run, as in the benchmark: each Engine has its own)
-                    Engine(model, sized).generate(prompts, _generation_config(w.output))
-                    _free("cuda")
+            for size, sized in sized_configs(model, prompts, w.output, config, args.graph_batch):
                 build, loop, steps, phases = timed_steps(model, prompts, w.output, sized)
                 lines.append(f"{name} max_graph_batch={size}: construction {build:.3f} s, loop {loop:.3f} s")
                 for kind, items in steps.items():

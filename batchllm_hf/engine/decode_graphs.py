@@ -3,8 +3,8 @@
 A decode-only step (one query token per sequence) with n sequences runs on static buffers of the next
 size b >= n: powers of two up to 256, then multiples of 128 up to max_size (so a step of 800 pads to 896,
 not 1024: at that size the step is matmul-bound and padding costs its share of the matmuls). Rows n..b-1
-are padding: token 0 at position 0, writing
-its KV to a scratch page no sequence owns, attending only to itself, logits discarded. Before each replay
+are padding: token 0 at position 0, writing its KV to a scratch page no sequence owns, attending only to
+itself, logits discarded. Before each replay
 the step's tensors are copied into the buffers and the Triton attention's static work plan is refilled
 from the step's host arrays (`plan_attention(..., buffers=...)`: no host sync, one non-blocking copy).
 Graphs need the Triton backend (the SDPA fallback sizes its tensors from host values); `capture=False`
@@ -120,14 +120,18 @@ class DecodeGraphs:
                 and step.meta.prefix_pages.shape[1] <= self.table_width
                 and step.meta.prefix_pages.shape[0] <= self.sizes[-1])
 
+    def size_for(self, n: int) -> int | None:
+        """The padded size a decode step of n sequences runs at (None: over the largest)."""
+        return next((s for s in self.sizes if s >= n), None)
+
     def admitted_size(self, n: int) -> bool:
         """Whether a decode step of n sequences already has its size taken (no hint needed)."""
-        return next((s for s in self.sizes if s >= n), None) in self.admitted
+        return self.size_for(n) in self.admitted
 
     def expected_steps(self, n: int, remaining: np.ndarray) -> int:
         """Steps until fewer sequences than the next smaller size are left, if each of the n running sequences
         runs for its `remaining` (expected) tokens: how often a graph of this step's size would be replayed."""
-        b = next(s for s in self.sizes if s >= n)
+        b = self.size_for(n)
         lower = max((s for s in self.sizes if s < b), default=0)
         return int(np.partition(remaining, n - 1 - lower)[n - 1 - lower])
 
@@ -137,7 +141,7 @@ class DecodeGraphs:
         host arrays (runner.HostStep), from which the static attention plan is refilled without a sync.
         `remaining`: each sequence's expected tokens still to come (None: always use the graphs)."""
         n = input_ids.shape[1]
-        b = next(s for s in self.sizes if s >= n)
+        b = self.size_for(n)
         if b not in self.admitted:
             if remaining is not None and self.expected_steps(n, remaining) < self.min_capture_steps:
                 self.skipped += 1

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from batchllm_hf.kernels import allocate_plan, paged_attention, plan_paged_attention, shared_prefix_prefill
+from batchllm_hf.kernels import allocate_plan, attention_plan, paged_attention, plan_paged_attention, shared_prefix_prefill
 from batchllm_hf.kernels.paged import PagedAttentionMetadata, paged_attention_reference
 
 NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 8, 128, 16
@@ -211,24 +211,26 @@ def sweep_tiles() -> list[dict]:
 
 DECODE_VARIANT_STEPS = [  # (groups, members, prefix, own, ratio, KV heads)
     (50, 16, 2000, 250, 7, 4),    # W-paper's decode step (Qwen2.5-7B heads: 28 / 4)
-    (8, 32, 2048, 256, 4, 8),     # the issue's 3x-SDPA row
+    (8, 32, 2048, 256, 4, 8),     # the issue's 3x-SDPA row (W-8B's decode step is close: 8 x 32, P 2048)
     (8, 32, 2048, 1024, 4, 8),
-    (1, 256, 2048, 64, 8, 8),     # one large group, short own KV (latency-bound own items)
+    (1, 256, 2048, 64, 8, 8),     # one large group, short own KV
+    (4, 64, 8192, 64, 4, 8),      # large groups, long prefix: few prefix tiles per KV head
+    (16, 16, 8192, 256, 8, 8),
     (256, 1, 2048, 64, 8, 8),     # groups of one
     (64, 4, 2048, 1024, 4, 8),
 ]
 # (name, plan overrides): block_m (prefix and own row tiles; own decode rows use 16-row tiles anyway),
-# block_m_own after planning (16: the CUDA-graph plan's), warps, stages of the main loop, stages of the
-# masked loop (None: the main loop's).
+# block_m_own after planning (16: the CUDA-graph plan's), keys per block, warps, stages of the main loop,
+# stages of the masked loop (None: the main loop's); "split_only_underfilled": session 3's KV-split rule.
 DECODE_VARIANTS = [
     ("planner (engine default)", {}),
+    ("session 3 split rule", {"split_only_underfilled": True}),
     ("planner, masked loop 1 stage", {"masked_stages": 1}),
     ("CUDA-graph plan tiles (64-row prefix)", {"block_m": 64, "block_m_own": 16}),
-    ("CUDA-graph plan tiles, masked loop 1 stage", {"block_m": 64, "block_m_own": 16, "masked_stages": 1}),
+    ("CUDA-graph plan tiles, session 3 split rule", {"block_m": 64, "block_m_own": 16, "split_only_underfilled": True}),
     ("16-row tiles", {"block_m": 16}),
-    ("16-row tiles, masked loop 1 stage", {"block_m": 16, "masked_stages": 1}),
-    ("16-row tiles, masked 1 stage, main 3 stages", {"block_m": 16, "masked_stages": 1, "num_stages": 3}),
-    ("16-row tiles, 8 warps, masked loop 1 stage", {"block_m": 16, "masked_stages": 1, "num_warps": 8}),
+    # what a mixed (prefill) step gives its decode rows: the step's tile configuration is its prefill chunks'
+    ("a mixed step's tiles (128-row prefix, 32 keys, 3 stages)", {"block_m": 128, "block_n": 32, "num_stages": 3}),
 ]
 
 
@@ -265,9 +267,14 @@ def decode_variants(ceilings) -> list[dict]:
         ref_out, _ = paged_attention_reference(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)
         for name, change in DECODE_VARIANTS:
-            plan = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=change.get("block_m"))
+            attention_plan._SPLIT_ONLY_UNDERFILLED = change.get("split_only_underfilled", False)
+            try:
+                plan = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=change.get("block_m"))
+            finally:
+                attention_plan._SPLIT_ONLY_UNDERFILLED = False
             plan.block_m_own = change.get("block_m_own", plan.block_m_own)
             plan.num_warps = change.get("num_warps", plan.num_warps)
+            plan.block_n = change.get("block_n", plan.block_n)
             plan.num_stages = change.get("num_stages", plan.num_stages)
             plan.masked_stages = change.get("masked_stages")
             t, err = _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out)

@@ -1,6 +1,6 @@
 """Where the engine's time goes on one workload (GPU diagnostics, not a test, not the benchmark of record).
 
-    python benchmarks/profile_engine.py --workloads W-1B,W-8B [--out DIR] [--kernels [--decode-at 20,80]] [--steps]
+    python benchmarks/profile_engine.py --workloads W-1B,W-8B [--out DIR] [--kernels [--decode-at 20,80] [--mixed-at 2,30]] [--steps]
 
 Per workload: a warm-up run, then (1) a timed run split into engine construction and the step loop, with
 every step synchronized and classed as decode-only or mixed, and (2) a cProfile of one more run (top
@@ -251,6 +251,7 @@ def main():
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--kernels", action="store_true", help="only the per-kernel GPU time of decode and mixed steps")
     parser.add_argument("--decode-at", default="20", help="--kernels: first decode step of each 5-step window")
+    parser.add_argument("--mixed-at", default="2", help="--kernels: first mixed step of each 2-step window")
     parser.add_argument("--steps", action="store_true",
                         help="only the synchronized per-step wall times (every decode step listed)")
     parser.add_argument("--graph-batch", default="1024", help="--steps / --gaps: max_graph_batch values to compare")
@@ -275,7 +276,9 @@ def main():
             for first in map(int, args.decode_at.split(",")):
                 lines.append(f"  decode steps {first}..{first + 4}:")
                 lines += kernel_profile(model, prompts, w.output, config, first=first)
-            lines += kernel_profile(model, prompts, w.output, config, first=2, count=2, kind="mixed")
+            for first in map(int, args.mixed_at.split(",")):
+                lines.append(f"  mixed steps {first}..{first + 1}:")
+                lines += kernel_profile(model, prompts, w.output, config, first=first, count=2, kind="mixed")
             print(*lines, sep="\n", flush=True)
             del model
             _free("cuda")

@@ -105,6 +105,23 @@ def test_decode_kv_splits(chunk, page_size):
     assert plan.needs_merge
 
 
+def test_long_prefix_split_beside_many_short_items(monkeypatch):
+    # One large group's few prefix tiles (1025 keys each) beside many short own items: the items outnumber
+    # the programs the planner aims for, yet the prefix tiles are split so that none outlasts the rest;
+    # session 3's rule (split only an underfilled step) left them whole.
+    from batchllm_hf.kernels import attention_plan
+
+    groups = decode_groups([1025], 24, 13) + [(None, [(9, 1)]) for _ in range(20)]
+    plan = run_and_compare(groups, 8, 2, 64, torch.float32, decode=True, num_sms=8)
+    items = plan.items[: int(plan.num_items)]
+    prefix = items[items[:, 0] % 2 == 1]
+    assert int(prefix[:, 5].max()) > 0 and int((prefix[:, 6] - prefix[:, 5]).max()) <= 256
+    assert plan.num_items > 8 * 4 and plan.needs_merge  # more items than the 32 programs aimed for
+    monkeypatch.setattr(attention_plan, "_SPLIT_ONLY_UNDERFILLED", True)
+    old = run_and_compare(groups, 8, 2, 64, torch.float32, decode=True, num_sms=8)
+    assert int(old.items[: int(old.num_items)][:, 5].max()) == 0  # every item starts at key 0: no split
+
+
 @pytest.mark.parametrize("block_n", [32, 128])
 def test_tile_widths_used_on_gpu(block_n):
     # The GPU configurations: 32 keys per step for prefill tiles, 128 for decode with large groups.

@@ -221,13 +221,15 @@ DECODE_VARIANT_STEPS = [  # (groups, members, prefix, own, ratio, KV heads)
 ]
 # (name, plan overrides): block_m (prefix and own row tiles; own decode rows use 16-row tiles anyway),
 # block_m_own after planning (16: the CUDA-graph plan's), keys per block, warps, stages of the main loop,
-# stages of the masked loop (None: the main loop's); "split_only_underfilled": session 3's KV-split rule.
+# stages of the masked loop (None: the main loop's); min_chunk_filled: the shortest KV chunk of a step
+# whose items already fill the GPU (1 << 30: session 3's rule, no split there).
 DECODE_VARIANTS = [
     ("planner (engine default)", {}),
-    ("session 3 split rule", {"split_only_underfilled": True}),
+    ("session 3 split rule", {"min_chunk_filled": 1 << 30}),
+    ("chunks >= 1024 keys in filled steps", {"min_chunk_filled": 1024}),
     ("planner, masked loop 1 stage", {"masked_stages": 1}),
     ("CUDA-graph plan tiles (64-row prefix)", {"block_m": 64, "block_m_own": 16}),
-    ("CUDA-graph plan tiles, session 3 split rule", {"block_m": 64, "block_m_own": 16, "split_only_underfilled": True}),
+    ("CUDA-graph plan tiles, session 3 split rule", {"block_m": 64, "block_m_own": 16, "min_chunk_filled": 1 << 30}),
     ("16-row tiles", {"block_m": 16}),
     # what a mixed (prefill) step gives its decode rows: the step's tile configuration is its prefill chunks'
     ("a mixed step's tiles (128-row prefix, 32 keys, 3 stages)", {"block_m": 128, "block_n": 32, "num_stages": 3}),
@@ -267,11 +269,12 @@ def decode_variants(ceilings) -> list[dict]:
         ref_out, _ = paged_attention_reference(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)
         for name, change in DECODE_VARIANTS:
-            attention_plan._SPLIT_ONLY_UNDERFILLED = change.get("split_only_underfilled", False)
+            default_min_chunk = attention_plan._MIN_CHUNK_FILLED
+            attention_plan._MIN_CHUNK_FILLED = change.get("min_chunk_filled", default_min_chunk)
             try:
                 plan = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=change.get("block_m"))
             finally:
-                attention_plan._SPLIT_ONLY_UNDERFILLED = False
+                attention_plan._MIN_CHUNK_FILLED = default_min_chunk
             plan.block_m_own = change.get("block_m_own", plan.block_m_own)
             plan.num_warps = change.get("num_warps", plan.num_warps)
             plan.block_n = change.get("block_n", plan.block_n)

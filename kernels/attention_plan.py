@@ -57,7 +57,7 @@ WIDE_MAX_ROWS = 64  # row sets of at most this many (token, query head) rows run
 _MIN_CHUNK = 256
 _MIN_CHUNK_WIDE = 128
 _PROGRAMS_PER_SM = 4
-_SPLIT_ONLY_UNDERFILLED = False  # True: session 3's rule (benchmarks/bench_kernels.py compares the two)
+_MIN_CHUNK_FILLED = 2048  # shortest KV chunk when the step's unsplit items already fill the GPU
 _STATIC_PROGRAMS_PER_SM = 8
 
 
@@ -250,23 +250,26 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     # Chunk size (KV tokens per item): no item longer than a fair share of the step's work, the work spread
     # over ~_PROGRAMS_PER_SM programs per SM, so no long item outlasts the rest. Work counts (key token, KV
     # head) reads per tile; a wide item does Hkv of them per key token, so its chunk is Hkv times shorter.
-    # A step can have many items and still need splits: a large group's few prefix tiles, each reading a
-    # long prefix, beside thousands of short own items (session 3 split only when the items were fewer than
-    # the target, and one group of 64 at P=8192 ran its 4 prefix tiles per KV head unsplit: 16% of copy BW).
+    # A step whose items already fill the GPU can still need splits: a large group's few prefix tiles, each
+    # reading a long prefix, beside thousands of short own items. There a split costs a partial per row and
+    # pays only for long chunks, so the chunks stay >= _MIN_CHUNK_FILLED. H200, bf16, 256 requests
+    # (benchmarks/results/2026-11-29-session5): 4 groups of 64 at P=8192 went 269 -> 206 us and 16 of 16
+    # 424 -> 367 us with 2048-4096-key chunks, while 704-1024-key chunks made P=2048 steps 10-15% slower.
     work = int((run_tiles * run_spans).sum() + (own_tiles * own_spans).sum()) * num_kv_heads
     unsplit_programs = int((run_tiles * run_heads).sum() + (own_tiles * own_heads).sum())
     longest = int(max(run_spans.max(initial=0), own_spans.max(initial=0)))
     target = num_sms * _PROGRAMS_PER_SM
     balanced = _cdiv(work, target) if work else 0
+    min_chunk = _MIN_CHUNK if unsplit_programs < target else _MIN_CHUNK_FILLED
     if chunk is not None:
         if chunk < 1:
             raise ValueError(f"chunk must be a positive number of KV tokens, got {chunk}.")
         chunk_wide = chunk
-    elif longest <= max(_MIN_CHUNK, balanced) or (_SPLIT_ONLY_UNDERFILLED and unsplit_programs >= target):
+    elif longest <= max(min_chunk, balanced):
         chunk = chunk_wide = max(longest, 1)
     else:  # even chunks: the longest range cut into as many equal pieces as a fair share allows
-        chunk = max(_MIN_CHUNK, _cdiv(balanced, bn) * bn)
-        chunk = max(_MIN_CHUNK, _cdiv(_cdiv(longest, _cdiv(longest, chunk)), bn) * bn)
+        chunk = max(min_chunk, _cdiv(balanced, bn) * bn)
+        chunk = max(min_chunk, _cdiv(_cdiv(longest, _cdiv(longest, chunk)), bn) * bn)
         chunk_wide = max(_MIN_CHUNK_WIDE, _cdiv(_cdiv(balanced, num_kv_heads), 16) * 16)
 
     def build(chunk: int, chunk_wide: int):

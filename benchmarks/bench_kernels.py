@@ -2,7 +2,7 @@
 
     benchmarks/gpu_kernels.sh OUT_DIR --check          # CUDA kernel tests, real-shape checks, full grid
     python benchmarks/bench_kernels.py --quick --sweep  # headline rows + a tile-configuration sweep
-    python benchmarks/bench_kernels.py --decode-variants --prefill-variants  # kernel variants only (~2 min)
+    python benchmarks/bench_kernels.py --decode-variants --prefill-variants  # kernel variants only (~3 min)
 
 Decode: G groups x B members (G * B = --requests, default 256), prefix P, own length S (incl. the new
 token), Hkv 8, head_dim 128, bf16, page_size 16, pages handed out in random order; grid P in {512, 2048,
@@ -232,17 +232,18 @@ DECODE_VARIANT_STEPS = [  # (groups, members, prefix, own, ratio, KV heads)
 # (name, plan overrides): block_m (prefix and own row tiles; own decode rows use 16-row tiles anyway),
 # block_m_own after planning (16: the CUDA-graph plan's), keys per block, warps, stages of the main loop,
 # stages of the masked loop (None: the main loop's); min_chunk_filled: the shortest KV chunk of a step
-# whose items already fill the GPU (1 << 30: session 3's rule, no split there).
+# whose items already fill the GPU (1 << 30: session 3's rule, no split there); use_tma: TMA key loads;
+# page_size: the KV pages (default VARIANT_PAGE_SIZE, the engine's; TMA needs pages of whole key blocks).
+VARIANT_PAGE_SIZE = 64
 DECODE_VARIANTS = [
     ("planner (engine default)", {}),
-    ("session 3 split rule", {"min_chunk_filled": 1 << 30}),
-    ("chunks >= 1024 keys in filled steps", {"min_chunk_filled": 1024}),
-    ("planner, masked loop 1 stage", {"masked_stages": 1}),
+    ("planner, TMA key loads", {"use_tma": True}),
     ("CUDA-graph plan tiles (64-row prefix)", {"block_m": 64, "block_m_own": 16}),
-    ("CUDA-graph plan tiles, session 3 split rule", {"block_m": 64, "block_m_own": 16, "min_chunk_filled": 1 << 30}),
-    ("16-row tiles", {"block_m": 16}),
+    ("CUDA-graph plan tiles, TMA key loads", {"block_m": 64, "block_m_own": 16, "use_tma": True}),
+    ("session 3 split rule", {"min_chunk_filled": 1 << 30}),
     # what a mixed (prefill) step gives its decode rows: the step's tile configuration is its prefill chunks'
     ("a mixed step's tiles (128-row prefix, 32 keys, 3 stages)", {"block_m": 128, "block_n": 32, "num_stages": 3}),
+    ("planner, pages of 16 (the grid's)", {"page_size": 16}),
 ]
 
 
@@ -266,19 +267,24 @@ def _print_variant_table(header: str, variants: list, rows: list[dict], metric: 
 
 
 def decode_variants(ceilings) -> list[dict]:
-    """Decode steps under kernel variants that change occupancy (benchmarks/compile_check.py: 16-row tiles
-    need 168 registers instead of 255, 109 with 8 warps; an unpipelined masked loop cuts shared memory from
-    102-112 KiB to 38-80 KiB): time, fraction of copy bandwidth on the must-read bytes, and the max error
-    against the torch reference (each variant is also a correctness check of that kernel build on the GPU)."""
+    """Decode steps under kernel and plan variants (tiles, TMA key loads, the KV-split rule, page size):
+    time, fraction of copy bandwidth on the must-read bytes, and the max error against the torch reference
+    (each variant is also a correctness check of that kernel build on the GPU)."""
     rows = []
     for groups, members, prefix, own, ratio, kv_heads in DECODE_VARIANT_STEPS:
-        q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio, num_kv_heads=kv_heads)
-        scale = HEAD_DIM ** -0.5
-        must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
-                     + 2 * q.numel() * q.element_size())
-        ref_out, _ = paged_attention_reference(q, k_cache, v_cache, meta, scale)
-        out = torch.empty_like(q)
+        steps = {}
         for name, change in DECODE_VARIANTS:
+            page_size = change.get("page_size", VARIANT_PAGE_SIZE)
+            if page_size not in steps:
+                q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio, num_kv_heads=kv_heads,
+                                                      page_size=page_size)
+                steps[page_size] = (q, k_cache, v_cache, meta, *paged_attention_reference(q, k_cache, v_cache, meta,
+                                                                                           HEAD_DIM ** -0.5))
+            q, k_cache, v_cache, meta, ref_out, _ = steps[page_size]
+            scale = HEAD_DIM ** -0.5
+            must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
+                         + 2 * q.numel() * q.element_size())
+            out = torch.empty_like(q)
             default_min_chunk = attention_plan._MIN_CHUNK_FILLED
             attention_plan._MIN_CHUNK_FILLED = change.get("min_chunk_filled", default_min_chunk)
             try:
@@ -290,6 +296,7 @@ def decode_variants(ceilings) -> list[dict]:
             plan.block_n = change.get("block_n", plan.block_n)
             plan.num_stages = change.get("num_stages", plan.num_stages)
             plan.masked_stages = change.get("masked_stages")
+            plan.use_tma = change.get("use_tma", False)
             t, err = _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out)
             rows.append(dict(step=[groups, members, prefix, own, ratio, kv_heads], variant=name, time_us=t * 1e6,
                              frac_copy_bw=must_read / t / 1e9 / ceilings["copy_GBps"], max_err=err,
@@ -300,13 +307,14 @@ def decode_variants(ceilings) -> list[dict]:
 
 
 PREFILL_VARIANT_STEPS = [(4, 512, 2048, 4), (4, 512, 8192, 4), (4, 512, 2048, 7)]  # (members, chunk, prefix, GQA)
-PREFILL_VARIANTS = [  # (name, (block_m, block_n, warps, stages, masked-loop stages or None))
-    ("planner (128, 32, 4w, 3st)", (128, 32, 4, 3, None)),
-    ("planner, masked loop 1 stage", (128, 32, 4, 3, 1)),
-    ("128 x 64, 8 warps, 3 stages", (128, 64, 8, 3, None)),
-    ("128 x 64, 8 warps, 3 stages, masked 1 stage", (128, 64, 8, 3, 1)),
-    ("128 x 128, 8 warps, 2 stages, masked 1 stage", (128, 128, 8, 2, 1)),
-    ("64 x 64, 4 warps, 3 stages, masked 1 stage", (64, 64, 4, 3, 1)),
+PREFILL_VARIANTS = [  # (name, (block_m, block_n, warps, stages, masked-loop stages or None, TMA, page size))
+    ("planner (128, 32, 4w, 3st)", (128, 32, 4, 3, None, False, VARIANT_PAGE_SIZE)),
+    ("planner, TMA key loads", (128, 32, 4, 3, None, True, VARIANT_PAGE_SIZE)),
+    ("128 x 64, 8 warps, 3 stages", (128, 64, 8, 3, None, False, VARIANT_PAGE_SIZE)),
+    ("128 x 64, 8 warps, 3 stages, TMA", (128, 64, 8, 3, None, True, VARIANT_PAGE_SIZE)),
+    ("128 x 128, 8 warps, 2 stages, masked 1 stage, TMA", (128, 128, 8, 2, 1, True, 128)),
+    ("64 x 64, 4 warps, 3 stages, TMA", (64, 64, 4, 3, None, True, VARIANT_PAGE_SIZE)),
+    ("planner, pages of 16 (the grid's)", (128, 32, 4, 3, None, False, 16)),
 ]
 
 
@@ -315,15 +323,20 @@ def prefill_variants(ceilings) -> list[dict]:
     under tile variants: time, TFLOP/s over the useful FLOPs as a fraction of the measured matmul rate, and
     the max error against the torch reference."""
     rows = []
+    scale = HEAD_DIM ** -0.5
     for members, chunk, prefix, ratio in PREFILL_VARIANT_STEPS:
-        q, k_cache, v_cache, meta = make_step(1, members, prefix, chunk, chunk, ratio)
-        scale = HEAD_DIM ** -0.5
-        flops = 4 * q.shape[1] * HEAD_DIM * members * chunk * (prefix + (chunk + 1) / 2)
-        ref_out, _ = paged_attention_reference(q, k_cache, v_cache, meta, scale)
-        out = torch.empty_like(q)
-        for name, (bm, bn, warps, stages, masked) in PREFILL_VARIANTS:
+        steps = {}
+        for name, (bm, bn, warps, stages, masked, tma, page_size) in PREFILL_VARIANTS:
+            if page_size not in steps:
+                q, k_cache, v_cache, meta = make_step(1, members, prefix, chunk, chunk, ratio, page_size=page_size)
+                steps[page_size] = (q, k_cache, v_cache, meta, paged_attention_reference(q, k_cache, v_cache, meta,
+                                                                                          scale)[0])
+            q, k_cache, v_cache, meta, ref_out = steps[page_size]
+            flops = 4 * q.shape[1] * HEAD_DIM * members * chunk * (prefix + (chunk + 1) / 2)
+            out = torch.empty_like(q)
             plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, block_m=bm)
             plan.block_n, plan.num_warps, plan.num_stages, plan.masked_stages = bn, warps, stages, masked
+            plan.use_tma = tma
             t, err = _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out)
             rows.append(dict(step=[members, chunk, prefix, ratio], variant=name, time_us=t * 1e6,
                              frac_matmul=flops / t / 1e12 / ceilings["matmul_TFLOPs"], max_err=err))

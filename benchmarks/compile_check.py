@@ -79,11 +79,13 @@ def compile_kernel(jit_fn, types: dict, constexprs: dict, num_warps: int = 4, nu
 
 def attention(head_dim: int, block_m: int, block_m_own: int, block_n: int, num_warps: int, num_stages: int,
               has_wide: bool, dtype: str = "bf16", num_kv_heads: int = 8, masked_stages: int | None = None,
-              maxnreg: int | None = None) -> dict:
+              maxnreg: int | None = None, use_tma: bool = False) -> dict:
     """Compile `_partial_attention_kernel` as the launcher would for this tile configuration."""
     types = {}
     for p in inspect.signature(attention_kernels._partial_attention_kernel.fn).parameters:
-        if p in ("q_ptr", "k_ptr", "v_ptr", "prefix_k_ptr", "prefix_v_ptr", "out_ptr"):
+        if p in ("k_desc", "v_desc"):
+            types[p] = f"tensordesc<{dtype}[{block_n}, {head_dim}]>"
+        elif p in ("q_ptr", "k_ptr", "v_ptr", "prefix_k_ptr", "prefix_v_ptr", "out_ptr"):
             types[p] = "*" + dtype
         elif p in ("lse_ptr", "part_out_ptr", "part_lse_ptr"):
             types[p] = "*fp32"
@@ -96,7 +98,9 @@ def attention(head_dim: int, block_m: int, block_m_own: int, block_n: int, num_w
                       BLOCK_N=block_n, BLOCK_N_WIDE=block_n_wide,
                       KV_HEADS_TILE=min(triton.next_power_of_2(num_kv_heads), block_n_wide), HAS_WIDE=has_wide,
                       PAGE_SIZE=64, NUM_FIELDS=10, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                      DOT_DTYPE=_TL[dtype], MASKED_STAGES=masked_stages or num_stages)
+                      DOT_DTYPE=_TL[dtype], MASKED_STAGES=masked_stages or num_stages, USE_TMA=use_tma)
+    if not use_tma:
+        constexprs.update(k_desc=None, v_desc=None)
     divisible = [p for p in types if p.endswith("_ptr") or p.startswith("stride_")]
     return compile_kernel(attention_kernels._partial_attention_kernel, types, constexprs, num_warps, num_stages,
                           divisible, **({"maxnreg": maxnreg} if maxnreg else {}))

@@ -82,6 +82,7 @@ class PagedAttentionPlan:
     needs_merge: bool          # False only when no token has several partials (merge launch skipped)
     num_programs: int          # programs along the item axis (each loops over items with this stride)
     masked_stages: int | None = None  # pipeline stages of the masked key loop (None: num_stages)
+    use_tma: bool = False      # unmasked key blocks through TMA tensor descriptors where the launch allows it
 
 
 def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:
@@ -123,7 +124,7 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
                   device: torch.device | str, *, block_m: int = 16, block_m_own: int = 16, block_n: int = 64,
                   block_m_wide: int | None = None, block_n_wide: int | None = None, wide: bool = False,
                   num_warps: int = 4, num_stages: int = 3, num_programs: int | None = None,
-                  masked_stages: int | None = None) -> PagedAttentionPlan:
+                  masked_stages: int | None = None, use_tma: bool = False) -> PagedAttentionPlan:
     """Static buffers for CUDA-graph capture (fill them with `plan_paged_attention(..., buffers=plan)`).
 
     The kernel's grid has `num_programs` programs whatever max_items is (default: 8 per SM of the device),
@@ -144,7 +145,7 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
         part_lse=torch.empty((max(max_parts, 1), num_q_heads), dtype=torch.float32, device=device),
         block_m=block_m, block_m_own=block_m_own, block_n=block_n, block_m_wide=block_m_wide or default_m_wide,
         block_n_wide=block_n_wide or default_n_wide, has_wide=wide, num_warps=num_warps, num_stages=num_stages,
-        needs_merge=True, num_programs=min(num_programs, max_items), masked_stages=masked_stages,
+        needs_merge=True, num_programs=min(num_programs, max_items), masked_stages=masked_stages, use_tma=use_tma,
     )
 
 
@@ -161,22 +162,26 @@ def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
                          num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
-                         wide: bool = False, buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
+                         wide: bool = False, use_tma: bool = False,
+                         buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """Plan one step (host sync here, once per step). See the module docstring.
 
     num_sms defaults to the device's; block_m and chunk (KV tokens per work item) override the heuristics
-    (tests use them to force splits and tile shapes); wide=True lets decode-sized row sets run wide."""
+    (tests use them to force splits and tile shapes); wide=True lets decode-sized row sets run wide;
+    use_tma=True reads the unmasked key blocks through TMA tensor descriptors where the launch allows it
+    (opt-in: not yet measured on a GPU)."""
     tensors = (meta.q_starts, meta.own_lens, meta.seq_group, meta.prefix_lens)
     arrays = [t.cpu().numpy().astype(np.int64) for t in tensors]
     return plan_attention(*arrays, num_q_heads, num_kv_heads, head_dim, meta.own_lens.device, num_sms=num_sms,
-                          block_m=block_m, chunk=chunk, wide=wide, buffers=buffers)
+                          block_m=block_m, chunk=chunk, wide=wide, use_tma=use_tma, buffers=buffers)
 
 
 def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.ndarray, prefix_lens: np.ndarray,
                    num_q_heads: int, num_kv_heads: int, head_dim: int, device: torch.device, *,
                    own_starts: np.ndarray | None = None, prefix_starts: np.ndarray | None = None,
                    num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
-                   wide: bool = False, buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
+                   wide: bool = False, use_tma: bool = False,
+                   buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """`plan_paged_attention` on host arrays. own_starts / prefix_starts: first visible key of each
     sequence's own KV / each group's prefix (left padding in the dense layout; zeros when None)."""
     if num_q_heads % num_kv_heads:
@@ -340,7 +345,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         buffers = allocate_plan(num_tokens, items.shape[0], num_part_slots, num_q_heads, head_dim, device,
                                 block_m=bm, block_m_own=bmo, block_n=bn, block_m_wide=bmw, block_n_wide=bnw,
                                 wide=bool(run_wide.any() or own_wide.any()),
-                                num_warps=warps, num_stages=stages,
+                                num_warps=warps, num_stages=stages, use_tma=use_tma,
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0
     for name, have, need in (("max_items", buffers.items.shape[0], items.shape[0]),

@@ -66,6 +66,11 @@ import triton
 import triton.language as tl
 
 from .attention_plan import NUM_FIELDS, PagedAttentionPlan
+
+try:  # tensor descriptors (TMA on Hopper): triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: pointer loads only
+    TensorDescriptor = None
 from .paged import PagedAttentionMetadata
 
 _LOG2E = 1.4426950408889634
@@ -75,14 +80,14 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 @triton.jit
 def _partial_attention_kernel(
     q_ptr, k_ptr, v_ptr, prefix_k_ptr, prefix_v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-    items_ptr, num_items_ptr, num_parts_ptr, part_start_ptr, own_pages_ptr, prefix_pages_ptr,
+    items_ptr, num_items_ptr, num_parts_ptr, part_start_ptr, own_pages_ptr, prefix_pages_ptr, k_desc, v_desc,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
     stride_ot, stride_oh, stride_own_pages, stride_prefix_pages,
     ratio, num_q_heads, num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    MASKED_STAGES: tl.constexpr,
+    MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # Grid-stride over the items: one item per program for a plan made for this step (grid = its items),
     # several for a static plan (grid = a few programs per SM, whatever the capacity: no idle tail).
@@ -109,36 +114,39 @@ def _partial_attention_kernel(
         # (bit 1): decode-sized row sets of one KV head in a 16-row tile. Else the step's large tiles.
         if kind >= 4:
             if HAS_WIDE:  # compiled only for plans that hold wide items
-                _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields,
+                _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields,
                              table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
                              head_stride, stride_ot, stride_oh, 0, num_q_heads, ratio, num_q_heads, num_kv_heads,
                              qk_scale, HEAD_DIM, BLOCK_M_WIDE, BLOCK_N_WIDE, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION,
-                             DOT_DTYPE, MASKED_STAGES)
+                             DOT_DTYPE, MASKED_STAGES, False)
         elif kind >= 2:
-            _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
+            _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
                          num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
                          stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
-                         HEAD_DIM, 16, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES)
+                         HEAD_DIM, 16, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, USE_TMA)
         elif kind == 1:
-            _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
+            _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
                          num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
                          stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
-                         HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES)
+                         HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
+                         USE_TMA)
         else:
-            _attend_tile(q_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
+            _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
                          num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
                          stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
-                         HEAD_DIM, BLOCK_M_OWN, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES)
+                         HEAD_DIM, BLOCK_M_OWN, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
+                         USE_TMA)
 
 
 @triton.jit
 def _attend_tile(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
     num_parts_ptr, part_start_ptr,
     stride_qt, stride_qh, page_stride, token_stride, head_stride, stride_ot, stride_oh,
     kv_head, row_heads, ratio, num_q_heads, num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_HEADS_TILE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, MASKED_STAGES: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """One tile of rows against one KV range. Rows: row = token * row_heads + h, query head
     kv_head * ratio + h (one KV head: row_heads = ratio; wide: row_heads = Hq, kv_head = 0). Columns: key
@@ -176,11 +184,13 @@ def _attend_tile(
         full_hi = kv_lo + tl.maximum(tl.minimum(kv_hi, causal_base + row_lo // row_heads + 1) - kv_lo, 0) // step * step
     else:
         full_hi = kv_lo
+    if USE_TMA:  # TMA reads whole BLOCK_N-key blocks of one page: the unmasked blocks must start aligned
+        full_hi = tl.where(kv_lo % BLOCK_N == 0, full_hi, kv_lo)
     for start in range(kv_lo, full_hi, step):
         acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride, token_stride,
                                       column_offset, columns, column_heads, dims, positions, heads, ratio,
                                       num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
-                                      False)
+                                      False, k_desc, v_desc, kv_head, USE_TMA)
     # The masked loop runs the causal diagonal and the tail: a block or two (one in decode), but the whole
     # range for wide items. MASKED_STAGES=1 leaves it unpipelined, which frees its shared-memory buffers
     # (benchmarks/compile_check.py).
@@ -188,7 +198,7 @@ def _attend_tile(
         acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride, token_stride,
                                       column_offset, columns, column_heads, dims, positions, heads, ratio,
                                       num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
-                                      True)
+                                      True, k_desc, v_desc, kv_head, False)
 
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -209,22 +219,28 @@ def _attend_tile(
 def _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride, token_stride, column_offset,
                   columns, column_heads, dims, positions, heads, ratio, num_kv_heads, qk_scale,
                   KV_HEADS_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr):
+                  DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr, k_desc, v_desc, kv_head, USE_TMA: tl.constexpr):
     """Online-softmax update of one key block (base-2 exponentials). MASKED=False: every column is a valid
-    key that every row sees (no masks on the loads or the scores)."""
+    key that every row sees (no masks on the loads or the scores). USE_TMA (unmasked blocks only): the block
+    is BLOCK_N consecutive keys of one page, read through tensor descriptors over the pool viewed as
+    (pages * page_size, Hkv * D)."""
     keys = start + columns // KV_HEADS_TILE
-    if MASKED:
+    if USE_TMA:
+        page = tl.load(table + start // PAGE_SIZE)
+        row = page * PAGE_SIZE + start % PAGE_SIZE
+        k = k_desc.load([row, kv_head * q.shape[1]])
+        v = v_desc.load([row, kv_head * q.shape[1]])
+    elif MASKED:
         key_valid = keys < kv_hi
         if KV_HEADS_TILE > 1:
             key_valid = key_valid & (column_heads < num_kv_heads)
         pages = tl.load(table + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
-    else:
-        pages = tl.load(table + keys // PAGE_SIZE).to(tl.int64)
-    offsets = pages * page_stride + (keys % PAGE_SIZE) * token_stride + column_offset
-    if MASKED:
+        offsets = pages * page_stride + (keys % PAGE_SIZE) * token_stride + column_offset
         k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
         v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
     else:
+        pages = tl.load(table + keys // PAGE_SIZE).to(tl.int64)
+        offsets = pages * page_stride + (keys % PAGE_SIZE) * token_stride + column_offset
         k = tl.load(k_ptr + offsets[:, None] + dims[None, :])
         v = tl.load(v_ptr + offsets[:, None] + dims[None, :])
     scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
@@ -317,6 +333,24 @@ def launch_shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cac
                                     scaling, plan, out, lse)
 
 
+def _tma_usable(plan: PagedAttentionPlan, own_kv, prefix_kv, page_size: int) -> bool:
+    """Whether the plan's TMA key loads (opt-in, `plan.use_tma`) can run: one contiguous pool for own and
+    prefix KV, pages holding whole BLOCK_N-key blocks, a Hopper-or-later GPU (or the CPU interpreter), and a
+    triton with tensor descriptors. Otherwise the pointer loads run, with the same results."""
+    if not plan.use_tma or TensorDescriptor is None or page_size % plan.block_n:
+        return False
+    keys, values = own_kv[0], own_kv[1]
+    if keys is not prefix_kv[0] or values is not prefix_kv[1] or not (keys.is_contiguous() and values.is_contiguous()):
+        return False
+    return not keys.is_cuda or torch.cuda.get_device_capability(keys.device)[0] >= 9
+
+
+def _pool_descriptor(pool: torch.Tensor, block_n: int, head_dim: int):
+    """A tensor descriptor over a (num_pages, page_size, Hkv, D) pool viewed as (pages * page_size, Hkv * D),
+    in blocks of block_n keys x one head."""
+    return TensorDescriptor.from_tensor(pool.view(pool.shape[0] * pool.shape[1], -1), [block_n, head_dim])
+
+
 def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, prefix_pages, page_size, scaling, plan,
                              out, lse):
     """Core launcher. own_kv / prefix_kv: (keys, values, (page stride, token stride, head stride)), the
@@ -334,9 +368,12 @@ def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, pref
     if plan.part_out.shape[1:] != (num_q_heads, head_dim) or plan.num_parts.shape[0] < num_tokens:
         raise ValueError("the plan was made for other head counts, head_dim, or fewer tokens; re-plan this step.")
     grid = (max(1, min(plan.num_programs, plan.items.shape[0])),)
+    k_desc = v_desc = None
+    if _tma_usable(plan, own_kv, prefix_kv, page_size):
+        k_desc, v_desc = (_pool_descriptor(t, plan.block_n, head_dim) for t in own_kv[:2])
     _partial_attention_kernel[grid](
         q, own_kv[0], own_kv[1], prefix_kv[0], prefix_kv[1], out, lse, plan.part_out, plan.part_lse,
-        plan.items, plan.num_items, plan.num_parts, plan.part_start, own_pages, prefix_pages,
+        plan.items, plan.num_items, plan.num_parts, plan.part_start, own_pages, prefix_pages, k_desc, v_desc,
         q.stride(0), q.stride(1), *own_kv[2], *prefix_kv[2], out.stride(0), out.stride(1),
         own_pages.stride(0), prefix_pages.stride(0), num_q_heads // num_kv_heads, num_q_heads, num_kv_heads,
         scaling * _LOG2E,
@@ -347,7 +384,7 @@ def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, pref
         # The CPU interpreter (triton 3.9) computes bf16 dots wrongly: there, dots run in fp32 on the same
         # bf16-rounded operands.
         DOT_DTYPE=_TL_DTYPES[q.dtype] if q.is_cuda else tl.float32,
-        MASKED_STAGES=plan.masked_stages or plan.num_stages,
+        MASKED_STAGES=plan.masked_stages or plan.num_stages, USE_TMA=k_desc is not None,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if plan.needs_merge:

@@ -32,6 +32,8 @@ class EngineConfig:
     fused_ops:           on CUDA, run the model's RMSNorms, rotary embedding and SwiGLU activation as fused
                          Triton kernels (engine/fused_model.py; known Llama-family classes only) instead of
                          HF's chains of torch ops.
+    attention_tma:       the triton backend reads whole key blocks through TMA tensor descriptors (Hopper and
+                         later; pages of at least 64 tokens). Same outputs; off by default until measured.
     """
 
     page_size: int = 16
@@ -48,6 +50,7 @@ class EngineConfig:
     attention_backend: str | None = None
     overlap_steps: bool = True
     fused_ops: bool = True
+    attention_tma: bool = False
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):

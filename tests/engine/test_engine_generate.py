@@ -395,3 +395,25 @@ def test_decode_graph_static_plan_holds_groups_of_one_at_a_large_gqa_ratio():
     plan = plan_attention(np.arange(b + 1), np.full(b, 300), np.arange(b), np.full(b, 2000), *cache.num_heads,
                           model.device, buffers=graphs.plan, num_sms=132)
     assert int(plan.num_items) == (4 + 1) * 2 * b
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma):
+    """The engine's steps through the real Triton kernel (the CPU interpreter stands in for CUDA), with and
+    without TMA key loads (EngineConfig.attention_tma): pages of 64 tokens, prefixes of over two key blocks,
+    so prefill and decode both run unmasked blocks; tokens equal HF generate's (fp32)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from batchllm_hf.kernels import attention_ops, shared_prefix_triton
+
+    monkeypatch.setattr(attention_ops, "use_triton", lambda q: True)
+    descriptors = []
+    real = shared_prefix_triton._pool_descriptor
+    monkeypatch.setattr(shared_prefix_triton, "_pool_descriptor", lambda *a: descriptors.append(a[1]) or real(*a))
+    model = tiny_model("llama", num_kv_heads=2, ratio=2, head_dim=32)
+    prompts = prompt_set(seed=5, groups=((150, 3), (70, 2)), singles=1, suffix=(60, 80))
+    expected = reference(model, prompts, [3] * len(prompts))
+    engine = Engine(model, EngineConfig(page_size=64, num_pages=64, max_batch_tokens=256, attention_backend="triton",
+                                        attention_tma=tma))
+    assert [o.token_ids for o in engine.generate(prompts, greedy(3))] == expected
+    assert bool(descriptors) == tma

@@ -225,3 +225,19 @@ def test_paged_attention_dispatches_to_reference_off_cuda():
     result = paged_attention(q, k_cache, v_cache, meta, 0.125, out=out)
     assert result is out
     torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.125)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("page_size,block_n,chunk", [(64, 64, None), (64, 32, None), (128, 64, 48), (16, 32, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_key_loads(page_size, block_n, chunk, dtype, monkeypatch):
+    # Unmasked key blocks through tensor descriptors (plan.use_tma): pages of whole blocks, a chunk that
+    # leaves KV splits unaligned (those items fall back to masked pointer loads), and pages smaller than a
+    # block (the launcher keeps pointer loads). Decode tokens and prefill chunks of several members.
+    from batchllm_hf.kernels import shared_prefix_triton
+
+    used = []
+    real = shared_prefix_triton._pool_descriptor
+    monkeypatch.setattr(shared_prefix_triton, "_pool_descriptor", lambda *a: used.append(a[1]) or real(*a))
+    groups = [(300, [(140, 70), (129, 1), (200, 2)]), (0, [(130, 130)]), (None, [(257, 1)])]
+    run_and_compare(groups, 8, 2, 64, dtype, page_size=page_size, block_n=block_n, chunk=chunk, use_tma=True)
+    assert bool(used) == (page_size % block_n == 0)

@@ -16,8 +16,9 @@ names its KV head):
                  only with groups of 1-4 and long own KV (about 10%), so plans leave it off by default.
 
 Each KV range is cut into chunks of `chunk` tokens (flash-decoding split) so that a step of few, long
-sequences still fills the GPU; `chunk` is chosen per step from the total work, and the items are sorted
-longest first so no tail of idle programs remains. A (token, head) row that receives more than one
+sequences still fills the GPU and no item is much longer than a fair share of the step's work (a large
+group's prefix tiles beside many short own items); `chunk` is chosen per step from the total work, and the
+items are sorted longest first so no tail of idle programs remains. A (token, head) row that receives more than one
 partial result (several chunks, or prefix + own) writes each to a slot of a workspace and a merge kernel
 combines them by log-sum-exp; a row with a single partial writes the output directly.
 

@@ -40,23 +40,33 @@ Limits: head_dim a power of two in [16, 256]; dtypes fp16/bf16 (fp32 for tests: 
 outputs in q's dtype, lse fp32 natural log; inference only (no backward); no sliding window, ALiBi or
 softcap; KV in the query's dtype (no FP8 KV).
 
+TMA key loads (opt-in: `plan.use_tma`, EngineConfig.attention_tma): the unmasked key blocks of an item whose
+KV range starts on a BLOCK_N boundary are read through tensor descriptors over the pool viewed as
+(pages * page_size, Hkv * D), one page lookup per block instead of one per key; the launcher turns them on
+only for a contiguous shared pool whose pages hold whole blocks (page_size % BLOCK_N == 0) on sm_90 or later.
+Compiled for sm_90a (benchmarks/compile_check.py, triton 3.9) the main loop becomes cp.async.bulk.tensor
+with mbarrier waits, at the same 255 registers (prefill tiles spill 832 bytes instead of 744). Not yet
+timed on a GPU: `bench_kernels.py --decode-variants --prefill-variants` has the columns.
+
 Tested: against `paged_attention_reference` (outputs and lse, NaN-poisoned outputs and workspace) under
-TRITON_INTERPRET=1 on CPU (tests/kernels, triton 3.9), every change. On one H200 (torch 2.11, triton 3.6):
-session 1's kernel passed the same tests on CUDA and the real-shape checks of benchmarks/bench_kernels.py
---check; session 2's (grid-stride loop, 16-row tiles) gave tokens identical to HF generate for 17 of 17
-prompts in fp32 inside the engine (benchmarks/engine_gpu_check.py, eager and CUDA-graph decode); session 3's
-1-D grid with wide items did too (17 / 17, fp32, wide items on by default then), and its quick grid matched
-SDPA within 4e-3 (bf16) on every row. The later changes of session 3 (the unmasked main loop and 2-stage decode
-tiles: run on the H200 only inside the engine benchmark and the tile sweep, which time but do not compare
-outputs; the HAS_WIDE gate and 64-key tiles for large decode groups: not run on a GPU at all) rest on the
-CPU tests for their correctness.
-Measured (bf16, Hkv 8, D 128, 256 requests, page 16; benchmarks/results/2026-11-29-session3): decode at
-P=2048 reads its must-read bytes at 51% of copy bandwidth with groups of 32 and own length 256 (tile sweep;
-in the quick grid one-head items took 160 us against SDPA's 878 us on duplicated KV, 5.5x), 73% with own
-length 1024, 79% for 256 groups of one at S=64 (GQA 8); 18% with one group of 256 at S=64, where the
-per-request own items are short and latency-bound. Prefill chunks (4 x 512 tokens) reached
-22-27% of the bf16 matmul rate (0.56-0.62x SDPA flash) before the unmasked main loop, which then cut the
-attention time of a W-8B prefill step from 39.5 to 34.1 ms.
+TRITON_INTERPRET=1 on CPU (tests/kernels, triton 3.9), every change, TMA loads included, and inside the
+engine through this kernel against HF generate (tests/engine). On one H200 (torch 2.11, triton 3.6):
+every session's kernel gave tokens identical to HF generate for 17 of 17 prompts in fp32 inside the engine
+(benchmarks/engine_gpu_check.py, eager and CUDA-graph decode); session 5's full grid (`bench_kernels.py
+--check`: 101 rows plus the real-shape checks against the reference, GQA 1/4/7/8, head dims 64/128/256,
+fp16/bf16, splits, prefill chunks, a CUDA-graph replay) matched SDPA within 3e-2 on every row.
+Measured (bf16, Hkv 8, D 128, 256 requests, page 16; benchmarks/results/2026-11-29-session5, the planner
+of that session): decode reaches >= 70% of copy bandwidth on the must-read bytes in 22 of 61 P >= 2048
+rows: 87-94% for groups of one, 60-89% for groups of 4, 8-75% for groups of 16-256, lowest with the
+largest groups and the shortest own KV (8-55% at own length 64). Those rows read few bytes and do much
+work per byte (every member's query heads against the whole prefix), yet reach only 7-29% of the matmul
+rate too: neither roofline is reached; the kernel's inner loop (tensor-core efficiency, as in prefill)
+and per-item latency limit them. Counting max(bytes / copy BW,
+FLOPs / matmul rate) as the bound changes little (22 of 61 rows >= 70% either way). At P=2048, B=32,
+S=256, GQA 4: 5.1x SDPA on duplicated KV, 3.4x FlexAttention; groups of one are 1.08-1.64x faster than
+SDPA on every row. Prefill chunks (4 x 512 tokens): 29-30% of the bf16 matmul rate at P=2048, 39% at
+P=8192 (0.73-0.88x SDPA flash). No tile, warp, stage or occupancy variant beats the planner's choice by
+more than 6% (session 5's variant tables).
 """
 
 from __future__ import annotations

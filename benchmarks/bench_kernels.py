@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from batchllm_hf.kernels import allocate_plan, attention_plan, paged_attention, plan_paged_attention, shared_prefix_prefill
+from batchllm_hf.kernels import (allocate_plan, attention_plan, paged_attention, plan_paged_attention,
+                                 shared_prefix_prefill)
 from batchllm_hf.kernels.paged import PagedAttentionMetadata, paged_attention_reference
 
 NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 8, 128, 16

@@ -17,6 +17,14 @@ per SM either way), half of it the pipeline buffers of the masked key loop, whic
 diagonal and the tail (1-2 blocks). Unpipelined (MASKED_STAGES=1) it takes 80 and 38 KiB, so 16-row tiles
 (168 registers; 109 with 8 warps) could run 3 programs per SM. The GPU runs triton 3.6, whose allocation
 may differ: a lead to check there (`bench_kernels.py --decode-variants`), not a measurement of it.
+(Session 5 checked it: on the H200 16-row tiles and 8 warps lost on every decode step.)
+
+Session 5 (`attention(..., use_tma=True)`): TMA key loads compile to cp.async.bulk.tensor + mbarrier waits
+in the unmasked loop at the same 255 registers (prefill tiles 128/128/32 keys/4 warps: 832 bytes of spills
+instead of 744). Two leads measured only here, in a scratch copy of the kernel: compiling the prefix and
+own large-tile branches as ONE instantiation when their tiles are equal (prefill steps) cuts that
+configuration's shared memory from 98 to 64 KiB and its spills to 624 bytes (each branch instantiation
+keeps its own pipeline buffers); also leaving the 16-row branch out of steps without decode rows gives 504.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Where the engine's time goes on one workload (GPU diagnostics, not a test, not the benchmark of record).
 
-    python benchmarks/profile_engine.py --workloads W-1B,W-8B [--out DIR] [--kernels [--decode-at 20,80] [--mixed-at 2,30]] [--steps]
+    python benchmarks/profile_engine.py --workloads W-1B,W-8B [--out DIR] [--steps]
+    python benchmarks/profile_engine.py --workloads W-paper --kernels [--decode-at 20,80] [--mixed-at 2,30]
 
 Per workload: a warm-up run, then (1) a timed run split into engine construction and the step loop, with
 every step synchronized and classed as decode-only or mixed, and (2) a cProfile of one more run (top

@@ -264,6 +264,9 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     work = int((run_tiles * run_spans).sum() + (own_tiles * own_spans).sum()) * num_kv_heads
     unsplit_programs = int((run_tiles * run_heads).sum() + (own_tiles * own_heads).sum())
     longest = int(max(run_spans.max(initial=0), own_spans.max(initial=0)))
+    # the largest single item's work, in the same units (a wide item reads Hkv heads per key)
+    heaviest = int(max((run_spans * np.where(run_wide, num_kv_heads, 1)).max(initial=0),
+                       (own_spans * np.where(own_wide, num_kv_heads, 1)).max(initial=0)))
     target = num_sms * _PROGRAMS_PER_SM
     balanced = _cdiv(work, target) if work else 0
     min_chunk = _MIN_CHUNK if unsplit_programs < target else _MIN_CHUNK_FILLED
@@ -271,7 +274,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         if chunk < 1:
             raise ValueError(f"chunk must be a positive number of KV tokens, got {chunk}.")
         chunk_wide = chunk
-    elif longest <= max(min_chunk, balanced):
+    elif heaviest <= max(min_chunk, balanced):
         chunk = chunk_wide = max(longest, 1)
     else:  # even chunks: the longest range cut into as many equal pieces as a fair share allows
         chunk = max(min_chunk, _cdiv(balanced, bn) * bn)

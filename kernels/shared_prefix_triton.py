@@ -124,26 +124,26 @@ def _partial_attention_kernel(
         # (bit 1): decode-sized row sets of one KV head in a 16-row tile. Else the step's large tiles.
         if kind >= 4:
             if HAS_WIDE:  # compiled only for plans that hold wide items
-                _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields,
-                             table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
-                             head_stride, stride_ot, stride_oh, 0, num_q_heads, ratio, num_q_heads, num_kv_heads,
-                             qk_scale, HEAD_DIM, BLOCK_M_WIDE, BLOCK_N_WIDE, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION,
-                             DOT_DTYPE, MASKED_STAGES, False)
+                _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr,
+                             part_lse_ptr, fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh,
+                             page_stride, token_stride, head_stride, stride_ot, stride_oh, 0, num_q_heads, ratio,
+                             num_q_heads, num_kv_heads, qk_scale, HEAD_DIM, BLOCK_M_WIDE, BLOCK_N_WIDE, KV_HEADS_TILE,
+                             PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, False)
         elif kind >= 2:
-            _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
-                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
-                         stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
+            _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                         fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
+                         head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
                          HEAD_DIM, 16, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, USE_TMA)
         elif kind == 1:
-            _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
-                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
-                         stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
+            _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                         fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
+                         head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
                          HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
                          USE_TMA)
         else:
-            _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, table,
-                         num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride, head_stride,
-                         stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
+            _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                         fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
+                         head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
                          HEAD_DIM, BLOCK_M_OWN, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
                          USE_TMA)
 
@@ -346,13 +346,16 @@ def launch_shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cac
 def _tma_usable(plan: PagedAttentionPlan, own_kv, prefix_kv, page_size: int) -> bool:
     """Whether the plan's TMA key loads (opt-in, `plan.use_tma`) can run: one contiguous pool for own and
     prefix KV, pages holding whole BLOCK_N-key blocks, a Hopper-or-later GPU (or the CPU interpreter), and a
-    triton with tensor descriptors. Otherwise the pointer loads run, with the same results."""
+    triton with tensor descriptors, fp16/bf16 on a GPU. Otherwise the pointer loads run, with the same results."""
     if not plan.use_tma or TensorDescriptor is None or page_size % plan.block_n:
         return False
     keys, values = own_kv[0], own_kv[1]
     if keys is not prefix_kv[0] or values is not prefix_kv[1] or not (keys.is_contiguous() and values.is_contiguous()):
         return False
-    return not keys.is_cuda or torch.cuda.get_device_capability(keys.device)[0] >= 9
+    if not keys.is_cuda:  # the CPU interpreter (tests), any dtype
+        return True
+    # fp32 tiles through TMA compile for sm_90a with ~47 KB of spills (fp16/bf16: none to 4 bytes)
+    return keys.dtype != torch.float32 and torch.cuda.get_device_capability(keys.device)[0] >= 9
 
 
 def _pool_descriptor(pool: torch.Tensor, block_n: int, head_dim: int):

@@ -227,12 +227,14 @@ def test_paged_attention_dispatches_to_reference_off_cuda():
     torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.125)[0], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("page_size,block_n,chunk", [(64, 64, None), (64, 32, None), (128, 64, 48), (16, 32, None)])
+@pytest.mark.parametrize("page_size,block_n,chunk", [(64, 64, None), (64, 32, None), (128, 64, 96), (64, 32, 80),
+                                                     (16, 32, None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tma_key_loads(page_size, block_n, chunk, dtype, monkeypatch):
-    # Unmasked key blocks through tensor descriptors (plan.use_tma): pages of whole blocks, a chunk that
-    # leaves KV splits unaligned (those items fall back to masked pointer loads), and pages smaller than a
-    # block (the launcher keeps pointer loads). Decode tokens and prefill chunks of several members.
+    # Unmasked key blocks through tensor descriptors (plan.use_tma): pages of whole blocks; chunks longer
+    # than a block that start KV splits off block boundaries (those items must fall back to masked pointer
+    # loads: without the alignment guard a TMA block would straddle pages); pages smaller than a block (the
+    # launcher keeps pointer loads). Decode tokens and prefill chunks of several members.
     from batchllm_hf.kernels import shared_prefix_triton
 
     used = []
@@ -241,3 +243,23 @@ def test_tma_key_loads(page_size, block_n, chunk, dtype, monkeypatch):
     groups = [(300, [(140, 70), (129, 1), (200, 2)]), (0, [(130, 130)]), (None, [(257, 1)])]
     run_and_compare(groups, 8, 2, 64, dtype, page_size=page_size, block_n=block_n, chunk=chunk, use_tma=True)
     assert bool(used) == (page_size % block_n == 0)
+
+
+def test_wide_items_split_by_their_work():
+    # A wide item reads every KV head per key, so its work is Hkv times its span: 4 groups of one with a
+    # 2000-key prefix (wide decode items, 16,000 units of work each) beside 200 sequences of 600 own keys, on
+    # a GPU whose fair share is ~8,000 units: the prefix items are split although 2000 keys alone would not be.
+    import numpy as np
+
+    from batchllm_hf.kernels.attention_plan import plan_attention
+
+    seqs = 204
+    own = np.full(seqs, 600)
+    own[:4] = 3
+    groups = np.full(seqs, -1)
+    groups[:4] = np.arange(4)
+    plan = plan_attention(np.arange(seqs + 1), own, groups, np.full(4, 2000), 8, 8, 64, torch.device("cpu"),
+                          num_sms=32, wide=True)
+    items = plan.items[: int(plan.num_items)]
+    wide_prefix = items[items[:, 0] == 5]
+    assert len(wide_prefix) > 4 and int((wide_prefix[:, 6] - wide_prefix[:, 5]).max()) < 2000

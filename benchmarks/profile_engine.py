@@ -244,6 +244,53 @@ def sized_configs(model, prompts, new_tokens, config, sizes: str):
         yield size, sized
 
 
+def kernels_mode(name, model, prompts, new_tokens, config, args, lines):
+    lines.append(f"{name}:")
+    for first in map(int, args.decode_at.split(",")):
+        lines.append(f"  decode steps {first}..{first + 4}:")
+        lines += kernel_profile(model, prompts, new_tokens, config, first=first)
+    for first in map(int, args.mixed_at.split(",")):
+        lines.append(f"  mixed steps {first}..{first + 1}:")
+        lines += kernel_profile(model, prompts, new_tokens, config, first=first, count=2, kind="mixed")
+    print(*lines, sep="\n", flush=True)
+
+
+def host_mode(name, model, prompts, new_tokens, config, args, lines):
+    for size, sized in sized_configs(model, prompts, new_tokens, config, args.graph_batch):
+        lines += decode_host_profile(model, prompts, new_tokens, sized, f"{args.out}/host_{name}_{size}.txt")
+        _free("cuda")
+    print(*lines, sep="\n", flush=True)
+
+
+def gaps_mode(name, model, prompts, new_tokens, config, args, lines):
+    lines.append(f"{name}:")
+    for size, sized in sized_configs(model, prompts, new_tokens, config, args.graph_batch):
+        lines += gap_profile(model, prompts, new_tokens, sized)
+        print(*lines[-3:], sep="\n", flush=True)
+        _free("cuda")
+        lines += kernel_profile(model, prompts, new_tokens, sized, first=10, graphs=True)
+        print(*lines[-20:], sep="\n", flush=True)
+        _free("cuda")
+    lines += sync_points(model, prompts, new_tokens, config)
+    print(*lines, sep="\n", flush=True)
+
+
+def steps_mode(name, model, prompts, new_tokens, config, args, lines):
+    for size, sized in sized_configs(model, prompts, new_tokens, config, args.graph_batch):
+        build, loop, steps, phases = timed_steps(model, prompts, new_tokens, sized)
+        lines.append(f"{name} max_graph_batch={size}: construction {build:.3f} s, loop {loop:.3f} s")
+        for kind, items in steps.items():
+            total = sum(s for s, _, _ in items)
+            lines.append(f"  {kind}: {len(items)} steps, {total:.3f} s; ms/seqs/tokens per step: " +
+                         " ".join(f"{1e3 * s:.1f}/{n}/{k}" for s, n, k in items))
+        print(*lines[-3:], sep="\n", flush=True)
+        _free("cuda")
+
+
+# --kernels / --host / --gaps / --steps, in this precedence; none: the default timing and cProfile
+MODES = {"kernels": kernels_mode, "host": host_mode, "gaps": gaps_mode, "steps": steps_mode}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workloads", default="W-1B")
@@ -270,63 +317,14 @@ def main():
         config = EngineConfig(page_size=args.page_size, max_batch_tokens=args.max_batch_tokens)
         engine = Engine(model, config)
         engine.generate(prompts, _generation_config(w.output))  # warm-up: compile kernels
-        if args.kernels:
-            del engine
-            _free("cuda")
-            lines.append(f"{name}:")
-            for first in map(int, args.decode_at.split(",")):
-                lines.append(f"  decode steps {first}..{first + 4}:")
-                lines += kernel_profile(model, prompts, w.output, config, first=first)
-            for first in map(int, args.mixed_at.split(",")):
-                lines.append(f"  mixed steps {first}..{first + 1}:")
-                lines += kernel_profile(model, prompts, w.output, config, first=first, count=2, kind="mixed")
-            print(*lines, sep="\n", flush=True)
-            del model
-            _free("cuda")
-            continue
-        if args.host:
-            del engine
-            _free("cuda")
-            for size, sized in sized_configs(model, prompts, w.output, config, args.graph_batch):
-                lines += decode_host_profile(model, prompts, w.output, sized, f"{args.out}/host_{name}_{size}.txt")
-                _free("cuda")
-            print(*lines, sep="\n", flush=True)
-            del model
-            _free("cuda")
-            continue
-        if args.gaps:
-            del engine
-            _free("cuda")
-            lines.append(f"{name}:")
-            for size, sized in sized_configs(model, prompts, w.output, config, args.graph_batch):
-                lines += gap_profile(model, prompts, w.output, sized)
-                print(*lines[-3:], sep="\n", flush=True)
-                _free("cuda")
-                lines += kernel_profile(model, prompts, w.output, sized, first=10, graphs=True)
-                print(*lines[-20:], sep="\n", flush=True)
-                _free("cuda")
-            lines += sync_points(model, prompts, w.output, config)
-            print(*lines, sep="\n", flush=True)
-            del model
-            _free("cuda")
-            continue
-        if args.steps:
-            del engine
-            _free("cuda")
-            for size, sized in sized_configs(model, prompts, w.output, config, args.graph_batch):
-                build, loop, steps, phases = timed_steps(model, prompts, w.output, sized)
-                lines.append(f"{name} max_graph_batch={size}: construction {build:.3f} s, loop {loop:.3f} s")
-                for kind, items in steps.items():
-                    total = sum(s for s, _, _ in items)
-                    lines.append(f"  {kind}: {len(items)} steps, {total:.3f} s; ms/seqs/tokens per step: " +
-                                 " ".join(f"{1e3 * s:.1f}/{n}/{k}" for s, n, k in items))
-                print(*lines[-3:], sep="\n", flush=True)
-                _free("cuda")
-            del model
-            _free("cuda")
-            continue
         del engine
         _free("cuda")
+        mode = next((m for m in MODES if getattr(args, m)), None)
+        if mode is not None:
+            MODES[mode](name, model, prompts, w.output, config, args, lines)
+            del model
+            _free("cuda")
+            continue
         t = time.perf_counter()
         engine = Engine(model, config)
         engine.generate(prompts, _generation_config(w.output))

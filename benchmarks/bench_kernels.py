@@ -245,7 +245,23 @@ DECODE_VARIANTS = [
     # what a mixed (prefill) step gives its decode rows: the step's tile configuration is its prefill chunks'
     ("a mixed step's tiles (128-row prefix, 32 keys, 3 stages)", {"block_m": 128, "block_n": 32, "num_stages": 3}),
     ("planner, pages of 16 (the grid's)", {"page_size": 16}),
+    # the engine's CUDA-graph plan itself: a static plan (decode_graphs.py's capacities) launching a few
+    # programs per SM that loop over the items, or one program per item slot (the idle ones exit at once)
+    ("CUDA-graph static plan, 8 programs per SM (loop)", {"static": 1056}),
+    ("CUDA-graph static plan, one program per slot", {"static": None}),
 ]
+
+
+def _static_plan(meta, q, kv_heads, programs):
+    """A plan made like decode_graphs.py's: allocate_plan with its capacities for this batch, then filled."""
+    from batchllm_hf.kernels.attention_plan import tile_config
+    seqs, ratio = meta.own_lens.shape[0], q.shape[1] // kv_heads
+    block_m, block_m_own, block_n, warps, stages = tile_config(64, 16, HEAD_DIM, 64)
+    capacity = (-(-ratio // 16) + -(-ratio // 64)) * kv_heads * seqs + 4096
+    buffers = allocate_plan(seqs, capacity, 4 * seqs + 4096, q.shape[1], HEAD_DIM, q.device, block_m=block_m,
+                            block_m_own=block_m_own, block_n=block_n, num_warps=warps, num_stages=stages,
+                            num_programs=programs or capacity)
+    return plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, buffers=buffers)
 
 
 def _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out) -> tuple[float, float | str]:
@@ -289,14 +305,17 @@ def decode_variants(ceilings) -> list[dict]:
             default_min_chunk = attention_plan._MIN_CHUNK_FILLED
             attention_plan._MIN_CHUNK_FILLED = change.get("min_chunk_filled", default_min_chunk)
             try:
-                plan = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=change.get("block_m"))
+                if "static" in change:
+                    plan = _static_plan(meta, q, kv_heads, change["static"])
+                else:
+                    plan = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=change.get("block_m"))
             finally:
                 attention_plan._MIN_CHUNK_FILLED = default_min_chunk
             plan.block_m_own = change.get("block_m_own", plan.block_m_own)
             plan.num_warps = change.get("num_warps", plan.num_warps)
             plan.block_n = change.get("block_n", plan.block_n)
             plan.num_stages = change.get("num_stages", plan.num_stages)
-            plan.masked_stages = change.get("masked_stages")
+            plan.masked_stages = change.get("masked_stages", plan.masked_stages)
             plan.use_tma = change.get("use_tma", False)
             t, err = _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out)
             rows.append(dict(step=[groups, members, prefix, own, ratio, kv_heads], variant=name, time_us=t * 1e6,

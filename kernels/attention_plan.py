@@ -84,6 +84,7 @@ class PagedAttentionPlan:
     num_programs: int          # programs along the item axis (each loops over items with this stride)
     masked_stages: int | None = None  # pipeline stages of the masked key loop (None: num_stages)
     use_tma: bool = False      # unmasked key blocks through TMA tensor descriptors where the launch allows it
+    has_small: bool = True     # the plan may hold 16-row (decode-sized) items (else compiled without them)
 
 
 def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:
@@ -352,6 +353,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                                 num_warps=warps, num_stages=stages, use_tma=use_tma,
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0
+        buffers.has_small = bool(((items[:, 0] == 2) | (items[:, 0] == 3)).any())
     for name, have, need in (("max_items", buffers.items.shape[0], items.shape[0]),
                              ("max_tokens", buffers.num_parts.shape[0], num_tokens),
                              ("max_parts", buffers.part_out.shape[0], num_part_slots)):

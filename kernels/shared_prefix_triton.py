@@ -96,56 +96,100 @@ def _partial_attention_kernel(
     ratio, num_q_heads, num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
+    HAS_SMALL: tl.constexpr, GRID_STRIDE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    # Grid-stride over the items: one item per program for a plan made for this step (grid = its items),
-    # several for a static plan (grid = a few programs per SM, whatever the capacity: no idle tail).
-    for item in range(tl.program_id(0), tl.load(num_items_ptr), tl.num_programs(0)):
-        fields = items_ptr + item * NUM_FIELDS
-        kind = tl.load(fields + 0)
-        table_row = tl.load(fields + 1).to(tl.int64)
-        kv_head = tl.load(fields + 9)
-        # Own KV and prefix KV may live in different tensors (the dense layout): pick pointers and strides.
-        is_prefix = (kind % 2).to(tl.int64)
-        page_stride = is_prefix * stride_pkp + (1 - is_prefix) * stride_kp
-        token_stride = is_prefix * stride_pkt + (1 - is_prefix) * stride_kt
-        head_stride = is_prefix * stride_pkh + (1 - is_prefix) * stride_kh
-        if kind % 2 == 1:
-            table = prefix_pages_ptr + table_row * stride_prefix_pages
-            keys_ptr = prefix_k_ptr
-            values_ptr = prefix_v_ptr
-        else:
-            table = own_pages_ptr + table_row * stride_own_pages
-            keys_ptr = k_ptr
-            values_ptr = v_ptr
-        # Wide items (kind bit 2): all KV heads of a few tokens in one program, rows = (token, query head),
-        # columns = (key token, KV head), so each key token's heads are one contiguous read. Small items
-        # (bit 1): decode-sized row sets of one KV head in a 16-row tile. Else the step's large tiles.
-        if kind >= 4:
-            if HAS_WIDE:  # compiled only for plans that hold wide items
-                _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr,
-                             part_lse_ptr, fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh,
-                             page_stride, token_stride, head_stride, stride_ot, stride_oh, 0, num_q_heads, ratio,
-                             num_q_heads, num_kv_heads, qk_scale, HEAD_DIM, BLOCK_M_WIDE, BLOCK_N_WIDE, KV_HEADS_TILE,
-                             PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, False)
-        elif kind >= 2:
+    # A static plan (CUDA graphs) launches a few programs per SM whatever its capacity: they grid-stride over
+    # the items (no idle tail). A plan made for its step launches one program per item, and runs without
+    # that loop: the loop keeps the item's state live across iterations and doubled the prefill tiles'
+    # register spills (benchmarks/compile_check.py: 744 bytes with it, 44 without).
+    if GRID_STRIDE:
+        for item in range(tl.program_id(0), tl.load(num_items_ptr), tl.num_programs(0)):
+            _run_item(q_ptr, k_ptr, v_ptr, prefix_k_ptr, prefix_v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                      items_ptr, item, num_parts_ptr, part_start_ptr, own_pages_ptr, prefix_pages_ptr, k_desc, v_desc,
+                      stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
+                      stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
+                      qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
+                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION, DOT_DTYPE,
+                      MASKED_STAGES, USE_TMA)
+    else:
+        item = tl.program_id(0)
+        if item < tl.load(num_items_ptr):
+            _run_item(q_ptr, k_ptr, v_ptr, prefix_k_ptr, prefix_v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                      items_ptr, item, num_parts_ptr, part_start_ptr, own_pages_ptr, prefix_pages_ptr, k_desc, v_desc,
+                      stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
+                      stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
+                      qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
+                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION, DOT_DTYPE,
+                      MASKED_STAGES, USE_TMA)
+
+
+@triton.jit
+def _run_item(
+    q_ptr, k_ptr, v_ptr, prefix_k_ptr, prefix_v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+    items_ptr, item, num_parts_ptr, part_start_ptr, own_pages_ptr, prefix_pages_ptr, k_desc, v_desc,
+    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
+    stride_ot, stride_oh, stride_own_pages, stride_prefix_pages,
+    ratio, num_q_heads, num_kv_heads, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
+    HAS_SMALL: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    fields = items_ptr + item * NUM_FIELDS
+    kind = tl.load(fields + 0)
+    table_row = tl.load(fields + 1).to(tl.int64)
+    kv_head = tl.load(fields + 9)
+    # Own KV and prefix KV may live in different tensors (the dense layout): pick pointers and strides.
+    is_prefix = (kind % 2).to(tl.int64)
+    page_stride = is_prefix * stride_pkp + (1 - is_prefix) * stride_kp
+    token_stride = is_prefix * stride_pkt + (1 - is_prefix) * stride_kt
+    head_stride = is_prefix * stride_pkh + (1 - is_prefix) * stride_kh
+    if kind % 2 == 1:
+        table = prefix_pages_ptr + table_row * stride_prefix_pages
+        keys_ptr = prefix_k_ptr
+        values_ptr = prefix_v_ptr
+    else:
+        table = own_pages_ptr + table_row * stride_own_pages
+        keys_ptr = k_ptr
+        values_ptr = v_ptr
+    # Wide items (kind bit 2): all KV heads of a few tokens in one program, rows = (token, query head),
+    # columns = (key token, KV head), so each key token's heads are one contiguous read. Small items
+    # (bit 1): decode-sized row sets of one KV head in a 16-row tile. Else the step's large tiles: one
+    # compiled branch for prefix and own items when their tiles are equal (each branch instantiation keeps
+    # its own pipeline buffers and registers). Branches of kinds a plan cannot hold are not compiled.
+    if kind >= 4:
+        if HAS_WIDE:  # compiled only for plans that hold wide items
+            _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr,
+                         part_lse_ptr, fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh,
+                         page_stride, token_stride, head_stride, stride_ot, stride_oh, 0, num_q_heads, ratio,
+                         num_q_heads, num_kv_heads, qk_scale, HEAD_DIM, BLOCK_M_WIDE, BLOCK_N_WIDE, KV_HEADS_TILE,
+                         PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, False)
+    elif kind >= 2:
+        if HAS_SMALL:  # compiled only for plans that may hold decode-sized row sets
             _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
                          fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
                          head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
                          HEAD_DIM, 16, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, USE_TMA)
-        elif kind == 1:
-            _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-                         fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
-                         head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
-                         HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
-                         USE_TMA)
-        else:
-            _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-                         fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
-                         head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
-                         HEAD_DIM, BLOCK_M_OWN, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
-                         USE_TMA)
+    elif BLOCK_M_PREFIX == BLOCK_M_OWN:
+        _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                     fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
+                     head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
+                     HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
+                     USE_TMA)
+    elif kind == 1:
+        _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                     fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
+                     head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
+                     HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
+                     USE_TMA)
+    else:
+        _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                     fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
+                     head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
+                     HEAD_DIM, BLOCK_M_OWN, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
+                     USE_TMA)
 
 
 @triton.jit
@@ -391,7 +435,9 @@ def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, pref
         own_pages.stride(0), prefix_pages.stride(0), num_q_heads // num_kv_heads, num_q_heads, num_kv_heads,
         scaling * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_M_PREFIX=plan.block_m, BLOCK_M_OWN=plan.block_m_own, BLOCK_M_WIDE=plan.block_m_wide,
-        BLOCK_N=plan.block_n, BLOCK_N_WIDE=plan.block_n_wide, KV_HEADS_TILE=min(triton.next_power_of_2(num_kv_heads), plan.block_n_wide), HAS_WIDE=plan.has_wide,
+        BLOCK_N=plan.block_n, BLOCK_N_WIDE=plan.block_n_wide,
+        KV_HEADS_TILE=min(triton.next_power_of_2(num_kv_heads), plan.block_n_wide), HAS_WIDE=plan.has_wide,
+        HAS_SMALL=plan.has_small, GRID_STRIDE=grid[0] < plan.items.shape[0],
         PAGE_SIZE=page_size,
         NUM_FIELDS=NUM_FIELDS, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # The CPU interpreter (triton 3.9) computes bf16 dots wrongly: there, dots run in fp32 on the same

@@ -37,8 +37,9 @@ ABLATIONS = {
     "batchllm (fused ops off)": {"fused_ops": False},
     # not an ablation: session 3's default (decode steps of over 256 sequences, as in W-paper, ran eagerly)
     "batchllm (graphs up to 256 sequences)": {"max_graph_batch": 256},
-    # not an ablation: TMA key loads in the attention kernel (opt-in until measured)
-    "batchllm (TMA key loads)": {"attention_tma": True},
+    # not ablations: TMA key loads in the attention kernel in every step (default: prefill tiles only), or never
+    "batchllm (TMA key loads everywhere)": {"attention_tma": True},
+    "batchllm (TMA key loads off)": {"attention_tma": False},
 }
 
 

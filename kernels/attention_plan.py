@@ -28,8 +28,10 @@ skips that sync: the plan then reaches the device in one non-blocking copy from 
 CUDA graphs: allocate a static plan once with `allocate_plan(...)` (capacities for the captured batch),
 then before each replay call `plan_paged_attention(..., buffers=static_plan)`, which copies the step's
 plan into those buffers (device copies only; it coarsens the KV chunks until the step fits and raises
-ValueError if even unsplit it does not). A static plan launches a fixed grid of `num_programs` programs
-(default 8 per SM) that loop over the step's items, so generous capacities cost no idle programs.
+ValueError if even unsplit it does not). A static plan launches one program per item slot by default (the
+idle ones exit at once; the kernel then runs without its grid-stride loop, which cost 5-14% per decode step
+on an H200: bench_kernels.py --decode-variants, session 6); `num_programs=` a few per SM makes the programs
+loop over the step's items instead.
 Sizing for a captured decode batch of N sequences in G groups of B: max_tokens = N,
 max_items >= Hkv * (N + G * ceil(B * ratio / block_m)) (unsplit) plus headroom for KV splits,
 max_parts >= 2 * N (prefix + own) plus headroom. The tile sizes of a static plan are fixed (block_m for
@@ -54,12 +56,12 @@ from .paged import PagedAttentionMetadata
 NUM_FIELDS = 10
 NO_CAUSAL = 1 << 30
 SMALL_TILE = 16
+PREFILL_TILE = 128  # own row tiles this large mark a prefill tile configuration (tile_config)
 WIDE_MAX_ROWS = 64  # row sets of at most this many (token, query head) rows run wide
 _MIN_CHUNK = 256
 _MIN_CHUNK_WIDE = 128
 _PROGRAMS_PER_SM = 4
 _MIN_CHUNK_FILLED = 2048  # shortest KV chunk when the step's unsplit items already fill the GPU
-_STATIC_PROGRAMS_PER_SM = 8
 
 
 @dataclass
@@ -129,15 +131,11 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
                   masked_stages: int | None = None, use_tma: bool = False) -> PagedAttentionPlan:
     """Static buffers for CUDA-graph capture (fill them with `plan_paged_attention(..., buffers=plan)`).
 
-    The kernel's grid has `num_programs` programs whatever max_items is (default: 8 per SM of the device),
-    each looping over the step's items, so a generous capacity costs no idle programs. `wide`: the plan may
+    The kernel's grid has one program per item slot (the idle ones exit at once) unless `num_programs` is
+    smaller: then that many programs loop over the step's items. `wide`: the plan may
     take wide items (plan with wide=True too); block_m_wide / block_n_wide default to
     `wide_tiles(num_q_heads, head_dim)`."""
     default_m_wide, default_n_wide = wide_tiles(num_q_heads, head_dim)
-    if num_programs is None:
-        device = torch.device(device)
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-        num_programs = _STATIC_PROGRAMS_PER_SM * num_sms
     return PagedAttentionPlan(
         items=torch.empty((max_items, NUM_FIELDS), dtype=torch.int32, device=device),  # read below num_items
         num_items=torch.zeros((1,), dtype=torch.int32, device=device),
@@ -147,7 +145,8 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
         part_lse=torch.empty((max(max_parts, 1), num_q_heads), dtype=torch.float32, device=device),
         block_m=block_m, block_m_own=block_m_own, block_n=block_n, block_m_wide=block_m_wide or default_m_wide,
         block_n_wide=block_n_wide or default_n_wide, has_wide=wide, num_warps=num_warps, num_stages=num_stages,
-        needs_merge=True, num_programs=min(num_programs, max_items), masked_stages=masked_stages, use_tma=use_tma,
+        needs_merge=True, num_programs=min(num_programs or max_items, max_items), masked_stages=masked_stages,
+        use_tma=use_tma,
     )
 
 
@@ -164,14 +163,16 @@ def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
                          num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
-                         wide: bool = False, use_tma: bool = False,
+                         wide: bool = False, use_tma: bool | None = None,
                          buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """Plan one step (host sync here, once per step). See the module docstring.
 
     num_sms defaults to the device's; block_m and chunk (KV tokens per work item) override the heuristics
     (tests use them to force splits and tile shapes); wide=True lets decode-sized row sets run wide;
-    use_tma=True reads the unmasked key blocks through TMA tensor descriptors where the launch allows it
-    (opt-in: not yet measured on a GPU)."""
+    use_tma=True reads the unmasked key blocks through TMA tensor descriptors where the launch allows it;
+    None (default) does so for prefill tile configurations only: on an H200 that was 6-7% faster on every
+    prefill chunk measured, but up to 1.7x slower on some decode steps (session 6's variant tables).
+    A static plan (`buffers`) keeps the choice it was allocated with."""
     tensors = (meta.q_starts, meta.own_lens, meta.seq_group, meta.prefix_lens)
     arrays = [t.cpu().numpy().astype(np.int64) for t in tensors]
     return plan_attention(*arrays, num_q_heads, num_kv_heads, head_dim, meta.own_lens.device, num_sms=num_sms,
@@ -182,7 +183,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                    num_q_heads: int, num_kv_heads: int, head_dim: int, device: torch.device, *,
                    own_starts: np.ndarray | None = None, prefix_starts: np.ndarray | None = None,
                    num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
-                   wide: bool = False, use_tma: bool = False,
+                   wide: bool = False, use_tma: bool | None = None,
                    buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """`plan_paged_attention` on host arrays. own_starts / prefix_starts: first visible key of each
     sequence's own KV / each group's prefix (left padding in the dense layout; zeros when None)."""
@@ -350,7 +351,8 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         buffers = allocate_plan(num_tokens, items.shape[0], num_part_slots, num_q_heads, head_dim, device,
                                 block_m=bm, block_m_own=bmo, block_n=bn, block_m_wide=bmw, block_n_wide=bnw,
                                 wide=bool(run_wide.any() or own_wide.any()),
-                                num_warps=warps, num_stages=stages, use_tma=use_tma,
+                                num_warps=warps, num_stages=stages,
+                                use_tma=bmo >= PREFILL_TILE if use_tma is None else use_tma,
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0
         buffers.has_small = bool(((items[:, 0] == 2) | (items[:, 0] == 3)).any())

@@ -16,7 +16,8 @@ def test_bench_dry_run_writes_reports(tmp_path):
     assert set(runs) == {"batchllm", "batchllm (clustering off)", "batchllm (shared-prefix kernels off)",
                          "batchllm (decode-first off)", "batchllm (memory budget off)", "batchllm (cuda graphs off)",
                          "batchllm (step overlap off)", "batchllm (fused ops off)",
-                         "batchllm (graphs up to 256 sequences)", "batchllm (TMA key loads)",
+                         "batchllm (graphs up to 256 sequences)", "batchllm (TMA key loads everywhere)",
+                         "batchllm (TMA key loads off)",
                          "HF generate (sdpa, batch 64)"}
     ours = runs["batchllm"]
     assert ours["output_tokens"] == 3 * 4 * 4 and ours["physical_prompt_tokens"] < ours["logical_prompt_tokens"]

@@ -13,6 +13,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported by the kernels
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,16 +175,20 @@ def test_group_members_not_contiguous():
 
 
 @pytest.mark.parametrize("wide", [False, True])
-def test_static_plan_buffers_are_reused(wide):
+@pytest.mark.parametrize("num_programs", [3, None])
+def test_static_plan_buffers_are_reused(wide, num_programs):
     # CUDA-graph usage: one static plan, refilled for two different steps, larger than either needs.
-    # 3 programs loop over all items (the grid of a static plan does not grow with max_items). Wide items
-    # only where the static plan was made for them (its kernel is compiled with or without them).
+    # num_programs=3: 3 programs loop over all items (the kernel's grid-stride loop); None: one program per
+    # item slot, the slots past the step's items idle. Wide items only where the static plan was made for
+    # them (its kernel is compiled with or without them).
     static = allocate_plan(max_tokens=16, max_items=64, max_parts=64, num_q_heads=4, head_dim=64, device=DEVICE,
-                           block_m=16, num_programs=3, wide=wide)
+                           block_m=16, num_programs=num_programs, wide=wide)
+    assert static.num_programs == (num_programs or 64)
     for seed, groups in enumerate([decode_groups([60], 3, 5), decode_groups([7, 300], 2, 40)]):
         q, k_cache, v_cache, meta = random_paged_step(groups, 4, 2, 64, 16, torch.float32, DEVICE, seed)
         plan = plan_paged_attention(meta, 4, 2, 64, buffers=static, chunk=64, wide=True)
-        assert plan is static and int(plan.num_items) > plan.num_programs
+        assert plan is static
+        assert int(plan.num_items) > plan.num_programs if num_programs else int(plan.num_items) < plan.num_programs
         assert (4 in plan.items[: int(plan.num_items), 0].tolist()) == wide
         out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
         ref_out, ref_lse = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
@@ -243,6 +248,27 @@ def test_tma_key_loads(page_size, block_n, chunk, dtype, monkeypatch):
     groups = [(300, [(140, 70), (129, 1), (200, 2)]), (0, [(130, 130)]), (None, [(257, 1)])]
     run_and_compare(groups, 8, 2, 64, dtype, page_size=page_size, block_n=block_n, chunk=chunk, use_tma=True)
     assert bool(used) == (page_size % block_n == 0)
+
+
+def test_planner_default_tma_and_compiled_branches():
+    # use_tma=None (the default): TMA key loads for prefill tile configurations only (measured faster on
+    # every prefill chunk, slower on some decode steps). has_small: whether the kernel must be compiled with
+    # the 16-row branch (a step of prefill chunks alone is compiled without it; one with decode rows too).
+    from batchllm_hf.kernels.attention_plan import plan_attention
+
+    def plan(q_lens, own_lens, **kw):
+        n = len(q_lens)
+        return plan_attention(np.concatenate([[0], np.cumsum(q_lens)]), np.array(own_lens), np.zeros(n, np.int64),
+                              np.array([512]), 32, 8, 128, torch.device("cpu"), num_sms=132, **kw)
+
+    prefill = plan([512] * 4, [512] * 4)  # 4 chunks of 512 tokens, GQA 4: 8192 rows of 128-row tiles
+    assert (prefill.block_m_own, prefill.use_tma, prefill.has_small) == (128, True, False)
+    mixed = plan([512] * 4 + [1] * 8, [512] * 4 + [40] * 8)
+    assert (mixed.use_tma, mixed.has_small) == (True, True)
+    decode = plan([1] * 64, [40] * 64)
+    assert (decode.block_m_own, decode.use_tma, decode.has_small) == (16, False, True)
+    assert plan([512] * 4, [512] * 4, use_tma=False).use_tma is False
+    assert plan([1] * 64, [40] * 64, use_tma=True).use_tma is True
 
 
 def test_wide_items_split_by_their_work():

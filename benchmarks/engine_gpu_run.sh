@@ -2,12 +2,13 @@
 # One device call (about 9.5 minutes on an H200): the engine's GPU sanity check (fp32 tokens vs HF generate,
 # bf16 agreement; every graph size captured; its bf16 part needs more than 100 s), then the headline bench
 # with HF generate side by side and the engine without TMA key loads (default: prefill tiles) as a variant.
-# Usage (repo root): OUT=dir bash benchmarks/engine_gpu_run.sh
+# Usage (repo root): OUT=dir bash benchmarks/engine_gpu_run.sh   (SKIP_CHECK=1: the bench only)
 export PYTHONUNBUFFERED=1
-PKG=/tmp/pkg; rm -rf $PKG; mkdir -p $PKG
+PKG=/tmp/pkg; rm -rf $PKG; mkdir -p $PKG; OUT=$(realpath $OUT)
 cp -r batchllm_hf $PKG/ && rm -rf $PKG/batchllm_hf/kernels && cp -r kernels $PKG/batchllm_hf/kernels
 export PYTHONPATH=$PKG
 python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
-timeout 130 python benchmarks/engine_gpu_check.py 2>&1 | grep -v Warning | tee $OUT/gpu_check.txt
-timeout 420 python -m batchllm_hf.cli bench --workloads W-paper,W-8B,W-1B,W-noshare --skip-generate-batch \
-    --ablations "TMA key loads off" --out $OUT 2>&1 | grep -v Warning | tail -20
+[ -n "$SKIP_CHECK" ] || timeout 130 python benchmarks/engine_gpu_check.py 2>&1 | grep -v Warning | tee $OUT/gpu_check.txt
+# from $PKG: `python -m` puts the working directory first on sys.path, where batchllm_hf has no kernels/
+(cd $PKG && timeout 420 python -m batchllm_hf.cli bench --workloads W-paper,W-8B,W-1B,W-noshare --skip-generate-batch \
+    --ablations "TMA key loads off" --out $OUT 2>&1 | grep -v Warning | tail -20)

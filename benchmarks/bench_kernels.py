@@ -326,10 +326,14 @@ def decode_variants(ceilings) -> list[dict]:
     return rows
 
 
-PREFILL_VARIANT_STEPS = [(4, 512, 2048, 4), (4, 512, 8192, 4), (4, 512, 2048, 7)]  # (members, chunk, prefix, GQA)
-PREFILL_VARIANTS = [  # (name, (block_m, block_n, warps, stages, masked-loop stages or None, TMA, page size))
+PREFILL_VARIANT_STEPS = [(4, 512, 2048, 4), (4, 512, 8192, 4), (4, 512, 2048, 7),
+                         (16, 200, 2000, 7)]  # (members, chunk, prefix, GQA); the last: W-paper-like suffix chunks
+PREFILL_VARIANTS = [  # (name, (block_m, block_n, warps, stages, masked-loop stages or None, TMA, page size[, fuse]))
     ("planner (128, 32, 4w, 3st)", (128, 32, 4, 3, None, False, VARIANT_PAGE_SIZE)),
-    ("planner, TMA key loads", (128, 32, 4, 3, None, True, VARIANT_PAGE_SIZE)),
+    ("planner, TMA key loads (engine default)", (128, 32, 4, 3, None, True, VARIANT_PAGE_SIZE)),
+    # session 5's items: each member's rows in the group's shared prefix tiles + own items, merged after
+    ("planner, TMA, not fused", (128, 32, 4, 3, None, True, VARIANT_PAGE_SIZE, False)),
+    ("planner, not fused", (128, 32, 4, 3, None, False, VARIANT_PAGE_SIZE, False)),
     ("128 x 64, 8 warps, 3 stages", (128, 64, 8, 3, None, False, VARIANT_PAGE_SIZE)),
     ("128 x 64, 8 warps, 3 stages, TMA", (128, 64, 8, 3, None, True, VARIANT_PAGE_SIZE)),
     ("128 x 128, 8 warps, 2 stages, masked 1 stage, TMA", (128, 128, 8, 2, 1, True, 128)),
@@ -346,7 +350,7 @@ def prefill_variants(ceilings) -> list[dict]:
     scale = HEAD_DIM ** -0.5
     for members, chunk, prefix, ratio in PREFILL_VARIANT_STEPS:
         steps = {}
-        for name, (bm, bn, warps, stages, masked, tma, page_size) in PREFILL_VARIANTS:
+        for name, (bm, bn, warps, stages, masked, tma, page_size, *fuse) in PREFILL_VARIANTS:
             if page_size not in steps:
                 q, k_cache, v_cache, meta = make_step(1, members, prefix, chunk, chunk, ratio, page_size=page_size)
                 steps[page_size] = (q, k_cache, v_cache, meta, paged_attention_reference(q, k_cache, v_cache, meta,
@@ -354,7 +358,7 @@ def prefill_variants(ceilings) -> list[dict]:
             q, k_cache, v_cache, meta, ref_out = steps[page_size]
             flops = 4 * q.shape[1] * HEAD_DIM * members * chunk * (prefix + (chunk + 1) / 2)
             out = torch.empty_like(q)
-            plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, block_m=bm)
+            plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, block_m=bm, fuse=fuse != [False])
             plan.block_n, plan.num_warps, plan.num_stages, plan.masked_stages = bn, warps, stages, masked
             plan.use_tma = tma
             t, err = _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out)

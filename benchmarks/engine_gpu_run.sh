@@ -8,7 +8,7 @@ PKG=/tmp/pkg; rm -rf $PKG; mkdir -p $PKG; OUT=$(realpath $OUT)
 cp -r batchllm_hf $PKG/ && rm -rf $PKG/batchllm_hf/kernels && cp -r kernels $PKG/batchllm_hf/kernels
 export PYTHONPATH=$PKG
 python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
-[ -n "$SKIP_CHECK" ] || timeout 130 python benchmarks/engine_gpu_check.py 2>&1 | grep -v Warning | tee $OUT/gpu_check.txt
+[ -n "$SKIP_CHECK" ] || timeout 120 python benchmarks/engine_gpu_check.py 2>&1 | grep -v Warning | tee $OUT/gpu_check.txt
 # from $PKG: `python -m` puts the working directory first on sys.path, where batchllm_hf has no kernels/
-(cd $PKG && timeout 420 python -m batchllm_hf.cli bench --workloads W-paper,W-8B,W-1B,W-noshare --skip-generate-batch \
+(cd $PKG && timeout 465 python -m batchllm_hf.cli bench --workloads W-paper,W-8B,W-1B,W-noshare --skip-generate-batch \
     --ablations "TMA key loads off" --out $OUT 2>&1 | grep -v Warning | tail -20)

@@ -52,8 +52,12 @@ from .paged import PagedAttentionMetadata
 # decode-sized row sets in a step whose large tiles serve prefill chunks; bit 2: wide, all KV heads in one
 # program), page-table row, first q token of the row set, rows in the row set, first row of this tile,
 # KV start, KV end (causal end of the tile folded in), slot offset of this partial, causal base (position of
-# the row set's first token; a large value for prefix items), KV head (0 for wide items).
-NUM_FIELDS = 10
+# the row set's first token; a large value for prefix items), KV head (0 for wide items); then, for fused
+# items (kind 8: an own item of a member whose chunk fills large tiles alone, which also reads its group's
+# prefix in the same program: no partials, no merge), the prefix page-table row, KV start and KV end (zeros
+# for other kinds).
+NUM_FIELDS = 13
+FUSED = 8
 NO_CAUSAL = 1 << 30
 SMALL_TILE = 16
 PREFILL_TILE = 128  # own row tiles this large mark a prefill tile configuration (tile_config)
@@ -87,6 +91,7 @@ class PagedAttentionPlan:
     masked_stages: int | None = None  # pipeline stages of the masked key loop (None: num_stages)
     use_tma: bool = False      # unmasked key blocks through TMA tensor descriptors where the launch allows it
     has_small: bool = True     # the plan may hold 16-row (decode-sized) items (else compiled without them)
+    has_fused: bool = False    # the plan holds fused items (prefix + own in one program; per-step plans only)
 
 
 def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:
@@ -163,7 +168,7 @@ def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
                          num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
-                         wide: bool = False, use_tma: bool | None = None,
+                         wide: bool = False, use_tma: bool | None = None, fuse: bool = True,
                          buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """Plan one step (host sync here, once per step). See the module docstring.
 
@@ -176,14 +181,14 @@ def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_
     tensors = (meta.q_starts, meta.own_lens, meta.seq_group, meta.prefix_lens)
     arrays = [t.cpu().numpy().astype(np.int64) for t in tensors]
     return plan_attention(*arrays, num_q_heads, num_kv_heads, head_dim, meta.own_lens.device, num_sms=num_sms,
-                          block_m=block_m, chunk=chunk, wide=wide, use_tma=use_tma, buffers=buffers)
+                          block_m=block_m, chunk=chunk, wide=wide, use_tma=use_tma, fuse=fuse, buffers=buffers)
 
 
 def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.ndarray, prefix_lens: np.ndarray,
                    num_q_heads: int, num_kv_heads: int, head_dim: int, device: torch.device, *,
                    own_starts: np.ndarray | None = None, prefix_starts: np.ndarray | None = None,
                    num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
-                   wide: bool = False, use_tma: bool | None = None,
+                   wide: bool = False, use_tma: bool | None = None, fuse: bool = True,
                    buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """`plan_paged_attention` on host arrays. own_starts / prefix_starts: first visible key of each
     sequence's own KV / each group's prefix (left padding in the dense layout; zeros when None)."""
@@ -202,6 +207,12 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     # Runs of consecutive sequences sharing one group with a non-empty prefix.
     prefix_spans = prefix_lens - prefix_starts
     has_prefix = (seq_group >= 0) & (prefix_spans[np.clip(seq_group, 0, None)] > 0 if prefix_lens.size else False)
+    # Fused members: a chunk of >= PREFILL_TILE rows fills large tiles on its own, so sharing its group's
+    # prefix tiles with other members saves no reads (a tile never spans two such members' rows anyway);
+    # its own items read the prefix first, then its own KV, and write the output directly (no partials,
+    # no merge launch for them). Plans made for their step only (a static plan's kernel has no such items).
+    fused = has_prefix & (q_lens * ratio >= PREFILL_TILE) if fuse and buffers is None else np.zeros_like(has_prefix)
+    has_prefix = has_prefix & ~fused
     new_run = np.ones(seq_group.shape[0], dtype=bool)
     new_run[1:] = (seq_group[1:] != seq_group[:-1]) | ~has_prefix[1:] | ~has_prefix[:-1]
     run_of_seq = np.cumsum(new_run) - 1
@@ -216,6 +227,10 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     own_seqs = np.flatnonzero(q_lens > 0)
     own_tokens = q_lens[own_seqs]
     own_spans = own_lens[own_seqs] - own_starts[own_seqs]
+    own_fused = fused[own_seqs]
+    own_group = np.where(own_fused, seq_group[own_seqs], 0)
+    own_prefix_lo = np.where(own_fused, prefix_starts[own_group] if prefix_starts.size else 0, 0)
+    own_prefix_hi = np.where(own_fused, prefix_lens[own_group] if prefix_lens.size else 0, 0)
     run_tokens = run_rows // ratio
 
     # Wide row sets: few enough (token, query head) rows for one tile, all KV heads in one program.
@@ -247,7 +262,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     run_bm = np.where(run_wide, bmw, np.where(run_rows <= SMALL_TILE, SMALL_TILE, bm))
     own_bm = np.where(own_wide, bmw, np.where(own_rows <= SMALL_TILE, SMALL_TILE, bmo))
     run_kind = np.where(run_wide, 5, np.where(run_rows <= SMALL_TILE, 3, 1))
-    own_kind = np.where(own_wide, 4, np.where(own_rows <= SMALL_TILE, 2, 0))
+    own_kind = np.where(own_fused, FUSED, np.where(own_wide, 4, np.where(own_rows <= SMALL_TILE, 2, 0)))
     run_heads = np.where(run_wide, 1, num_kv_heads)
     own_heads = np.where(own_wide, 1, num_kv_heads)
     run_row_heads = np.where(run_wide, num_q_heads, ratio)
@@ -263,12 +278,14 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     # pays only for long chunks, so the chunks stay >= _MIN_CHUNK_FILLED. H200, bf16, 256 requests
     # (benchmarks/results/2026-11-29-session5): 4 groups of 64 at P=8192 went 269 -> 206 us and 16 of 16
     # 424 -> 367 us with 2048-4096-key chunks, while 704-1024-key chunks made P=2048 steps 10-15% slower.
-    work = int((run_tiles * run_spans).sum() + (own_tiles * own_spans).sum()) * num_kv_heads
+    work = int((run_tiles * run_spans).sum() + (own_tiles * (own_spans + own_prefix_hi - own_prefix_lo)).sum())
+    work *= num_kv_heads
     unsplit_programs = int((run_tiles * run_heads).sum() + (own_tiles * own_heads).sum())
-    longest = int(max(run_spans.max(initial=0), own_spans.max(initial=0)))
+    splittable_own = np.where(own_fused, 0, own_spans)  # fused items are never split
+    longest = int(max(run_spans.max(initial=0), splittable_own.max(initial=0)))
     # the largest single item's work, in the same units (a wide item reads Hkv heads per key)
     heaviest = int(max((run_spans * np.where(run_wide, num_kv_heads, 1)).max(initial=0),
-                       (own_spans * np.where(own_wide, num_kv_heads, 1)).max(initial=0)))
+                       (splittable_own * np.where(own_wide, num_kv_heads, 1)).max(initial=0)))
     target = num_sms * _PROGRAMS_PER_SM
     balanced = _cdiv(work, target) if work else 0
     min_chunk = _MIN_CHUNK if unsplit_programs < target else _MIN_CHUNK_FILLED
@@ -285,7 +302,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
 
     def build(chunk: int, chunk_wide: int):
         run_chunk = np.where(run_wide, chunk_wide, chunk)
-        own_chunk = np.where(own_wide, chunk_wide, chunk)
+        own_chunk = np.where(own_fused, NO_CAUSAL, np.where(own_wide, chunk_wide, chunk))
         run_splits = _cdiv(run_spans, run_chunk)
         own_splits = np.maximum(_cdiv(own_spans, own_chunk), 1)  # >= 1: a row with no visible key still gets 0
         # Prefix items. Split-major, then head, then tile: the tiles reading one prefix chunk of one KV head
@@ -299,6 +316,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         prefix_items = np.stack([
             run_kind[run_idx], run_group[run_idx], run_tok_lo[run_idx], run_rows[run_idx], tile * run_bm[run_idx],
             lo + split * c, np.minimum(lo + (split + 1) * c, hi), split, np.full_like(tile, NO_CAUSAL), head,
+            *([np.zeros_like(tile)] * 3),
         ], axis=1)
         # Own items; a sequence's prefix partials take its first slots.
         seq_prefix_splits = np.zeros(seq_group.shape[0], dtype=np.int64)
@@ -318,10 +336,11 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
             own_starts[seq] + split * c,
             np.minimum(own_starts[seq] + (split + 1) * c, causal_base + last_row // own_row_heads[own_idx] + 1),
             seq_prefix_splits[seq] + split,
-            causal_base, head,
+            causal_base, head, own_group[own_idx], own_prefix_lo[own_idx], own_prefix_hi[own_idx],
         ], axis=1)
         items = np.concatenate([prefix_items, own_items]).reshape(-1, NUM_FIELDS)
-        cost = (items[:, 6] - items[:, 5]) * (1 + items[:, 0] % 2) * np.where(items[:, 0] >= 4, num_kv_heads, 1)
+        cost = ((items[:, 6] - items[:, 5]) * (1 + items[:, 0] % 2) * np.where(items[:, 0] & 4, num_kv_heads, 1)
+                + items[:, 12] - items[:, 11])
         items = items[np.argsort(-cost, kind="stable")]
 
         # Per token: number of partials and workspace slots.
@@ -356,6 +375,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0
         buffers.has_small = bool(((items[:, 0] == 2) | (items[:, 0] == 3)).any())
+        buffers.has_fused = bool((items[:, 0] == FUSED).any())
     for name, have, need in (("max_items", buffers.items.shape[0], items.shape[0]),
                              ("max_tokens", buffers.num_parts.shape[0], num_tokens),
                              ("max_parts", buffers.part_out.shape[0], num_part_slots)):

@@ -96,7 +96,7 @@ def _partial_attention_kernel(
     ratio, num_q_heads, num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
-    HAS_SMALL: tl.constexpr, GRID_STRIDE: tl.constexpr,
+    HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, GRID_STRIDE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
 ):
@@ -111,7 +111,7 @@ def _partial_attention_kernel(
                       stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
                       stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
                       qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
-                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION, DOT_DTYPE,
+                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION, DOT_DTYPE,
                       MASKED_STAGES, USE_TMA)
     else:
         item = tl.program_id(0)
@@ -121,7 +121,7 @@ def _partial_attention_kernel(
                       stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
                       stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
                       qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
-                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION, DOT_DTYPE,
+                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION, DOT_DTYPE,
                       MASKED_STAGES, USE_TMA)
 
 
@@ -134,7 +134,8 @@ def _run_item(
     ratio, num_q_heads, num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
-    HAS_SMALL: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr, MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     fields = items_ptr + item * NUM_FIELDS
@@ -159,37 +160,51 @@ def _run_item(
     # (bit 1): decode-sized row sets of one KV head in a 16-row tile. Else the step's large tiles: one
     # compiled branch for prefix and own items when their tiles are equal (each branch instantiation keeps
     # its own pipeline buffers and registers). Branches of kinds a plan cannot hold are not compiled.
-    if kind >= 4:
+    if kind >= 8:
+        if HAS_FUSED:  # own KV after the group's prefix, in one program (plans made for their step only)
+            _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+                         fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
+                         head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
+                         HEAD_DIM, BLOCK_M_OWN, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
+                         USE_TMA, True, prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr, prefix_v_ptr,
+                         stride_pkp, stride_pkt, stride_pkh)
+    elif kind >= 4:
         if HAS_WIDE:  # compiled only for plans that hold wide items
             _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr,
                          part_lse_ptr, fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh,
                          page_stride, token_stride, head_stride, stride_ot, stride_oh, 0, num_q_heads, ratio,
                          num_q_heads, num_kv_heads, qk_scale, HEAD_DIM, BLOCK_M_WIDE, BLOCK_N_WIDE, KV_HEADS_TILE,
-                         PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, False)
+                         PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, False, False, prefix_pages_ptr,
+                         stride_prefix_pages, prefix_k_ptr, prefix_v_ptr, stride_pkp, stride_pkt, stride_pkh)
     elif kind >= 2:
         if HAS_SMALL:  # compiled only for plans that may hold decode-sized row sets
             _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
                          fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
                          head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
-                         HEAD_DIM, 16, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, USE_TMA)
+                         HEAD_DIM, 16, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, USE_TMA, False,
+                         prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr, prefix_v_ptr, stride_pkp, stride_pkt,
+                         stride_pkh)
     elif BLOCK_M_PREFIX == BLOCK_M_OWN:
         _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
                      fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
                      head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
                      HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
-                     USE_TMA)
+                     USE_TMA, False, prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr, prefix_v_ptr, stride_pkp,
+                     stride_pkt, stride_pkh)
     elif kind == 1:
         _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
                      fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
                      head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
                      HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
-                     USE_TMA)
+                     USE_TMA, False, prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr, prefix_v_ptr, stride_pkp,
+                     stride_pkt, stride_pkh)
     else:
         _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
                      fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
                      head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
                      HEAD_DIM, BLOCK_M_OWN, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
-                     USE_TMA)
+                     USE_TMA, False, prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr, prefix_v_ptr, stride_pkp,
+                     stride_pkt, stride_pkh)
 
 
 @triton.jit
@@ -200,9 +215,11 @@ def _attend_tile(
     kv_head, row_heads, ratio, num_q_heads, num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_HEADS_TILE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, MASKED_STAGES: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, FUSED: tl.constexpr, prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr, prefix_v_ptr,
+    prefix_page_stride, prefix_token_stride, prefix_head_stride,
 ):
-    """One tile of rows against one KV range. Rows: row = token * row_heads + h, query head
+    """One tile of rows against one KV range (FUSED: its group's prefix range first, unmasked but for the
+    tail, then the own range). Rows: row = token * row_heads + h, query head
     kv_head * ratio + h (one KV head: row_heads = ratio; wide: row_heads = Hq, kv_head = 0). Columns: key
     token c // KV_HEADS_TILE of KV head kv_head + c % KV_HEADS_TILE (1 head per column block unless wide);
     a row sees the columns of its own KV head only."""
@@ -232,6 +249,27 @@ def _attend_tile(
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
     step = BLOCK_N // KV_HEADS_TILE
+    if FUSED:  # the group's prefix: every row sees all of it
+        prefix_lo = tl.load(fields + 11)
+        prefix_hi = tl.load(fields + 12)
+        prefix_table = prefix_pages_ptr + tl.load(fields + 10).to(tl.int64) * stride_prefix_pages
+        prefix_columns = kv_head.to(tl.int64) * prefix_head_stride + columns * 0
+        prefix_full_hi = prefix_lo + (prefix_hi - prefix_lo) // step * step
+        if USE_TMA:
+            prefix_full_hi = tl.where(prefix_lo % BLOCK_N == 0, prefix_full_hi, prefix_lo)
+        for start in range(prefix_lo, prefix_full_hi, step):
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr, prefix_v_ptr,
+                                          prefix_page_stride, prefix_token_stride, prefix_columns, columns,
+                                          column_heads, dims, positions, heads, ratio, num_kv_heads, qk_scale,
+                                          KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, False, k_desc, v_desc,
+                                          kv_head, USE_TMA)
+        no_limit = positions * 0 + (1 << 30)
+        for start in tl.range(prefix_full_hi, prefix_hi, step, num_stages=MASKED_STAGES):
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr, prefix_v_ptr,
+                                          prefix_page_stride, prefix_token_stride, prefix_columns, columns,
+                                          column_heads, dims, no_limit, heads, ratio, num_kv_heads, qk_scale,
+                                          KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, True, k_desc, v_desc,
+                                          kv_head, False)
     # Key blocks that every row of the tile sees whole (below the causal limit of its first row and below
     # kv_hi) run without masks; the rest (the causal diagonal, the tail, wide items' head mask) with them.
     if KV_HEADS_TILE == 1:
@@ -437,7 +475,7 @@ def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, pref
         HEAD_DIM=head_dim, BLOCK_M_PREFIX=plan.block_m, BLOCK_M_OWN=plan.block_m_own, BLOCK_M_WIDE=plan.block_m_wide,
         BLOCK_N=plan.block_n, BLOCK_N_WIDE=plan.block_n_wide,
         KV_HEADS_TILE=min(triton.next_power_of_2(num_kv_heads), plan.block_n_wide), HAS_WIDE=plan.has_wide,
-        HAS_SMALL=plan.has_small, GRID_STRIDE=grid[0] < plan.items.shape[0],
+        HAS_SMALL=plan.has_small, HAS_FUSED=plan.has_fused, GRID_STRIDE=grid[0] < plan.items.shape[0],
         PAGE_SIZE=page_size,
         NUM_FIELDS=NUM_FIELDS, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # The CPU interpreter (triton 3.9) computes bf16 dots wrongly: there, dots run in fp32 on the same

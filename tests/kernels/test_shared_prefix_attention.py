@@ -250,6 +250,32 @@ def test_tma_key_loads(page_size, block_n, chunk, dtype, monkeypatch):
     assert bool(used) == (page_size % block_n == 0)
 
 
+@pytest.mark.parametrize("use_tma,page_size", [(False, 16), (True, 64)])
+def test_fused_prefill_items(use_tma, page_size, monkeypatch):
+    # Members whose chunk fills large tiles alone (q_len * ratio >= 128 rows) read their group's prefix in
+    # their own items (kind 8): prefix (unmasked blocks, then a tail that is not a whole block), then their
+    # own KV causally, one partial per row, so those rows write the output directly. Beside them: a member
+    # with a short chunk and a decode token sharing the group's prefix tiles, a group of one, and an
+    # ungrouped prefill. fuse=False plans the same step without fused items; both match the reference.
+    from batchllm_hf.kernels import shared_prefix_triton
+
+    used = []
+    real = shared_prefix_triton._pool_descriptor
+    monkeypatch.setattr(shared_prefix_triton, "_pool_descriptor", lambda *a: used.append(a[1]) or real(*a))
+    groups = [(200, [(70, 40), (150, 33), (9, 5), (30, 1)]), (77, [(64, 64)]), (None, [(50, 40)])]
+    fused = run_and_compare(groups, 8, 2, 64, torch.float32, page_size=page_size, block_n=32, use_tma=use_tma)
+    items = fused.items[: int(fused.num_items)]
+    kinds = items[:, 0].tolist()
+    assert fused.has_fused and kinds.count(8) > 0 and set(items[items[:, 0] == 8][:, 12].tolist()) == {200, 77}
+    assert (items[items[:, 0] != 8][:, 10:] == 0).all()
+    assert bool(used) == use_tma
+    plain = run_and_compare(groups, 8, 2, 64, torch.float32, page_size=page_size, block_n=32, use_tma=use_tma,
+                            fuse=False)
+    assert not plain.has_fused and 8 not in plain.items[: int(plain.num_items)][:, 0].tolist()
+    num_tokens = 40 + 33 + 5 + 1 + 64 + 40
+    assert int((fused.num_parts[:num_tokens] > 1).sum()) < int((plain.num_parts[:num_tokens] > 1).sum())
+
+
 def test_planner_default_tma_and_compiled_branches():
     # use_tma=None (the default): TMA key loads for prefill tile configurations only (measured faster on
     # every prefill chunk, slower on some decode steps). has_small: whether the kernel must be compiled with

@@ -329,16 +329,18 @@ def decode_variants(ceilings) -> list[dict]:
 PREFILL_VARIANT_STEPS = [(4, 512, 2048, 4), (4, 512, 8192, 4), (4, 512, 2048, 7),
                          (16, 200, 2000, 7)]  # (members, chunk, prefix, GQA); the last: W-paper-like suffix chunks
 PREFILL_VARIANTS = [  # (name, (block_m, block_n, warps, stages, masked-loop stages or None, TMA, page size[, fuse]))
-    ("planner (128, 32, 4w, 3st)", (128, 32, 4, 3, None, False, VARIANT_PAGE_SIZE)),
-    ("planner, TMA key loads (engine default)", (128, 32, 4, 3, None, True, VARIANT_PAGE_SIZE)),
+    # None: the planner's choice (pages of 64: 64 x 64 tiles, 4 warps, 3 stages, TMA, fused items)
+    ("planner (engine default)", (None, None, None, None, None, None, VARIANT_PAGE_SIZE)),
+    ("128 x 32, 4 warps, 3 stages (pointer loads: the planner at pages of 16)",
+     (128, 32, 4, 3, None, False, VARIANT_PAGE_SIZE)),
+    ("128 x 32, TMA", (128, 32, 4, 3, None, True, VARIANT_PAGE_SIZE)),
     # session 5's items: each member's rows in the group's shared prefix tiles + own items, merged after
-    ("planner, TMA, not fused", (128, 32, 4, 3, None, True, VARIANT_PAGE_SIZE, False)),
-    ("planner, not fused", (128, 32, 4, 3, None, False, VARIANT_PAGE_SIZE, False)),
-    ("128 x 64, 8 warps, 3 stages", (128, 64, 8, 3, None, False, VARIANT_PAGE_SIZE)),
+    ("64 x 64, TMA, not fused", (64, 64, 4, 3, None, True, VARIANT_PAGE_SIZE, False)),
+    ("128 x 32, not fused (session 5's planner)", (128, 32, 4, 3, None, False, VARIANT_PAGE_SIZE, False)),
+    ("64 x 64, 4 warps, 3 stages, pointer loads", (64, 64, 4, 3, None, False, VARIANT_PAGE_SIZE)),
     ("128 x 64, 8 warps, 3 stages, TMA", (128, 64, 8, 3, None, True, VARIANT_PAGE_SIZE)),
     ("128 x 128, 8 warps, 2 stages, masked 1 stage, TMA", (128, 128, 8, 2, 1, True, 128)),
-    ("64 x 64, 4 warps, 3 stages, TMA", (64, 64, 4, 3, None, True, VARIANT_PAGE_SIZE)),
-    ("planner, pages of 16 (the grid's)", (128, 32, 4, 3, None, False, 16)),
+    ("planner, pages of 16 (the grid's)", (None, None, None, None, None, None, 16)),
 ]
 
 
@@ -358,12 +360,15 @@ def prefill_variants(ceilings) -> list[dict]:
             q, k_cache, v_cache, meta, ref_out = steps[page_size]
             flops = 4 * q.shape[1] * HEAD_DIM * members * chunk * (prefix + (chunk + 1) / 2)
             out = torch.empty_like(q)
-            plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, block_m=bm, fuse=fuse != [False])
-            plan.block_n, plan.num_warps, plan.num_stages, plan.masked_stages = bn, warps, stages, masked
-            plan.use_tma = tma
+            plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, block_m=bm, fuse=fuse != [False],
+                                        use_tma=tma)
+            if bm is not None:
+                plan.block_n, plan.num_warps, plan.num_stages, plan.masked_stages = bn, warps, stages, masked
             t, err = _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out)
             rows.append(dict(step=[members, chunk, prefix, ratio], variant=name, time_us=t * 1e6,
-                             frac_matmul=flops / t / 1e12 / ceilings["matmul_TFLOPs"], max_err=err))
+                             frac_matmul=flops / t / 1e12 / ceilings["matmul_TFLOPs"], max_err=err,
+                             tiles=[plan.block_m, plan.block_m_own, plan.block_n, plan.num_warps, plan.num_stages],
+                             tma=plan.use_tma, fused=plan.has_fused))
             print("  variant", rows[-1], flush=True)
     _print_variant_table("step (members, chunk, P, GQA)", PREFILL_VARIANTS, rows, "frac_matmul")
     return rows

@@ -174,7 +174,9 @@ def planner_families() -> list[tuple]:
 def all_reports() -> list[dict]:
     """What the CI test checks: each entry names its kernel and configuration, with its report or error."""
     # fp32 (tests only: engine_gpu_check runs head_dim 64) for head_dim 64; its larger tiles take ptxas minutes
-    jobs = [(f"attention {dtype} {config}", lambda c=config, d=dtype: attention(*c, has_wide=False, dtype=d))
+    # every branch a per-step plan can hold (16-row, large, fused), TMA key loads where a GPU could use them
+    jobs = [(f"attention {dtype} {config}", lambda c=config, d=dtype: attention(
+                *c, has_wide=False, dtype=d, has_fused=True, use_tma=d != "fp32"))
             for config in planner_families() for dtype in (("bf16", "fp32") if config[0] == 64 else ("bf16",))]
     jobs += [(f"attention wide {head_dim}", lambda h=head_dim: attention(h, 64, 16, 64 if h <= 128 else 32, 4, 2, True))
              for head_dim in (128, 256)]

@@ -60,7 +60,8 @@ NUM_FIELDS = 13
 FUSED = 8
 NO_CAUSAL = 1 << 30
 SMALL_TILE = 16
-PREFILL_TILE = 128  # own row tiles this large mark a prefill tile configuration (tile_config)
+PREFILL_TILE = 128  # rows: a step whose own row sets are this large gets the prefill tiles; members whose
+                    # chunk has this many rows read their group's prefix in fused items
 WIDE_MAX_ROWS = 64  # row sets of at most this many (token, query head) rows run wide
 _MIN_CHUNK = 256
 _MIN_CHUNK_WIDE = 128
@@ -104,16 +105,27 @@ def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:
     return 128
 
 
+def is_prefill_step(max_own_rows: int, total_rows: int, head_dim: int) -> bool:
+    """Whether a step gets the prefill tile configuration (and, by default, TMA key loads)."""
+    return head_dim <= 128 and _rows_tile(max_own_rows, total_rows, head_dim) >= PREFILL_TILE
+
+
 def tile_config(max_prefix_rows: int, max_own_rows: int, head_dim: int,
-                total_rows: int) -> tuple[int, int, int, int, int]:
-    """(block_m, block_m_own, block_n, num_warps, num_stages): small tiles for decode, large for prefill."""
+                total_rows: int, tma: bool = False) -> tuple[int, int, int, int, int]:
+    """(block_m, block_m_own, block_n, num_warps, num_stages): small tiles for decode, large for prefill
+    (`tma`: the prefill step reads its key blocks through TMA)."""
     block_m = _rows_tile(max_prefix_rows, total_rows, head_dim)
     block_m_own = _rows_tile(max_own_rows, total_rows, head_dim)
-    # Chosen from a sweep on an H200 (bf16, head_dim 128; benchmarks/bench_kernels.py --sweep):
+    # Chosen from sweeps on an H200 (bf16, head_dim 128; benchmarks/bench_kernels.py --sweep / --prefill-variants):
     if head_dim > 128:
         return block_m, block_m_own, 32, 4, 3
-    if block_m_own >= 128:  # prefill chunks: 1183 us vs 1233 (64 keys, 8 warps) at P=8192, 4 x 512 tokens
-        return block_m, block_m_own, 32, 4, 3
+    if tma and is_prefill_step(max_own_rows, total_rows, head_dim):
+        # prefill chunks, with fused items and TMA key loads at pages of 64 (session 6): 64 x 64 tiles, 4 warps,
+        # 3 stages took 226 / 757 / 381 / 573 us against 259 / 842 / 477 / 664 for 128 x 32 (4 x 512 tokens at
+        # P = 2048 and 8192; GQA 7; 16 x 200 tokens at P = 2000, GQA 7)
+        return 64, 64, 64, 4, 3
+    if block_m_own >= PREFILL_TILE:  # prefill chunks, pointer loads: 1183 us vs 1233 (64 keys, 8 warps) at
+        return block_m, block_m_own, 32, 4, 3  # P=8192, 4 x 512 tokens; session 5: 64 x 64 was 7-10% slower
     # decode, any group size: 64 keys, 4 warps, 2 stages. Session 3's sweep (one-head items): 155 us against
     # 231 for (128 keys, 8 warps, 3 stages) with 8 groups of 32 (128-row prefix tiles), 191 against 244 with
     # one group of 256 (GQA 8); 2 stages beat 3 by 10% with 32-256 members and lost 1-4% elsewhere.
@@ -175,13 +187,15 @@ def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_
     num_sms defaults to the device's; block_m and chunk (KV tokens per work item) override the heuristics
     (tests use them to force splits and tile shapes); wide=True lets decode-sized row sets run wide;
     use_tma=True reads the unmasked key blocks through TMA tensor descriptors where the launch allows it;
-    None (default) does so for prefill tile configurations only: on an H200 that was 6-7% faster on every
-    prefill chunk measured, but up to 1.7x slower on some decode steps (session 6's variant tables).
+    None (default) does so for prefill steps whose pages hold whole 64-key blocks, with 64 x 64 tiles: on an
+    H200 that was 13-20% faster on every prefill chunk measured, while TMA was up to 1.7x slower on some
+    decode steps (session 6's variant tables).
     A static plan (`buffers`) keeps the choice it was allocated with."""
     tensors = (meta.q_starts, meta.own_lens, meta.seq_group, meta.prefix_lens)
     arrays = [t.cpu().numpy().astype(np.int64) for t in tensors]
     return plan_attention(*arrays, num_q_heads, num_kv_heads, head_dim, meta.own_lens.device, num_sms=num_sms,
-                          block_m=block_m, chunk=chunk, wide=wide, use_tma=use_tma, fuse=fuse, buffers=buffers)
+                          block_m=block_m, chunk=chunk, wide=wide, use_tma=use_tma, fuse=fuse,
+                          page_size=meta.page_size, buffers=buffers)
 
 
 def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.ndarray, prefix_lens: np.ndarray,
@@ -189,8 +203,10 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                    own_starts: np.ndarray | None = None, prefix_starts: np.ndarray | None = None,
                    num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
                    wide: bool = False, use_tma: bool | None = None, fuse: bool = True,
+                   page_size: int | None = None,
                    buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
-    """`plan_paged_attention` on host arrays. own_starts / prefix_starts: first visible key of each
+    """`plan_paged_attention` on host arrays (page_size: the KV pages', which decide whether TMA key loads
+    can serve a prefill step's 64-key blocks; None: they cannot). own_starts / prefix_starts: first visible key of each
     sequence's own KV / each group's prefix (left padding in the dense layout; zeros when None)."""
     if num_q_heads % num_kv_heads:
         raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads}).")
@@ -250,12 +266,16 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     own_rows = np.where(own_wide, own_tokens * num_q_heads, own_tokens * ratio)
 
     total_rows = int(run_rows.sum() + own_rows.sum())
+    prefill = is_prefill_step(int(own_rows[~own_wide].max(initial=0)), total_rows, head_dim)
+    if use_tma is None:  # TMA key loads where measured faster: prefill steps whose pages hold whole 64-key blocks
+        use_tma = prefill and page_size is not None and page_size % 64 == 0
     if buffers is not None:
         bm, bmo = buffers.block_m, buffers.block_m_own
         bn, warps, stages = buffers.block_n, buffers.num_warps, buffers.num_stages
     else:
         bm, bmo, bn, warps, stages = tile_config(int(run_rows[~run_wide].max(initial=0)),
-                                                 int(own_rows[~own_wide].max(initial=0)), head_dim, total_rows)
+                                                 int(own_rows[~own_wide].max(initial=0)), head_dim, total_rows,
+                                                 tma=use_tma)
         bm, bmo = block_m or bm, block_m or bmo
 
     # Per row set: tile rows, kind, tiles, programs per (tile, KV chunk): Hkv for one-head items, 1 for wide.
@@ -371,7 +391,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                                 block_m=bm, block_m_own=bmo, block_n=bn, block_m_wide=bmw, block_n_wide=bnw,
                                 wide=bool(run_wide.any() or own_wide.any()),
                                 num_warps=warps, num_stages=stages,
-                                use_tma=bmo >= PREFILL_TILE if use_tma is None else use_tma,
+                                use_tma=use_tma,
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0
         buffers.has_small = bool(((items[:, 0] == 2) | (items[:, 0] == 3)).any())

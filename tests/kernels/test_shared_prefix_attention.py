@@ -277,23 +277,28 @@ def test_fused_prefill_items(use_tma, page_size, monkeypatch):
 
 
 def test_planner_default_tma_and_compiled_branches():
-    # use_tma=None (the default): TMA key loads for prefill tile configurations only (measured faster on
-    # every prefill chunk, slower on some decode steps). has_small: whether the kernel must be compiled with
-    # the 16-row branch (a step of prefill chunks alone is compiled without it; one with decode rows too).
+    # use_tma=None (the default): TMA key loads, with 64 x 64 tiles, for prefill steps whose pages hold whole
+    # 64-key blocks (measured faster on every prefill chunk; slower on some decode steps); pages of 16 keep
+    # pointer loads and 128-row tiles. has_small / has_fused: the kernel branches a plan needs compiled (a
+    # step of long prefill chunks alone is compiled without the 16-row branch; with decode rows, with it).
     from batchllm_hf.kernels.attention_plan import plan_attention
 
-    def plan(q_lens, own_lens, **kw):
+    def plan(q_lens, own_lens, page_size=64, **kw):
         n = len(q_lens)
         return plan_attention(np.concatenate([[0], np.cumsum(q_lens)]), np.array(own_lens), np.zeros(n, np.int64),
-                              np.array([512]), 32, 8, 128, torch.device("cpu"), num_sms=132, **kw)
+                              np.array([512]), 32, 8, 128, torch.device("cpu"), num_sms=132, page_size=page_size, **kw)
 
-    prefill = plan([512] * 4, [512] * 4)  # 4 chunks of 512 tokens, GQA 4: 8192 rows of 128-row tiles
-    assert (prefill.block_m_own, prefill.use_tma, prefill.has_small) == (128, True, False)
+    chunks = ([512] * 4, [512] * 4)  # 4 chunks of 512 tokens, GQA 4: 8192 rows
+    prefill = plan(*chunks)
+    assert (prefill.block_m_own, prefill.block_n, prefill.use_tma, prefill.has_small) == (64, 64, True, False)
+    assert prefill.has_fused  # every member's chunk has 2048 rows
+    pointer = plan(*chunks, page_size=16)
+    assert (pointer.block_m_own, pointer.block_n, pointer.use_tma) == (128, 32, False)
     mixed = plan([512] * 4 + [1] * 8, [512] * 4 + [40] * 8)
     assert (mixed.use_tma, mixed.has_small) == (True, True)
     decode = plan([1] * 64, [40] * 64)
-    assert (decode.block_m_own, decode.use_tma, decode.has_small) == (16, False, True)
-    assert plan([512] * 4, [512] * 4, use_tma=False).use_tma is False
+    assert (decode.block_m_own, decode.use_tma, decode.has_small, decode.has_fused) == (16, False, True, False)
+    assert plan(*chunks, use_tma=False).use_tma is False
     assert plan([1] * 64, [40] * 64, use_tma=True).use_tma is True
 
 

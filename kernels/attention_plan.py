@@ -29,7 +29,7 @@ CUDA graphs: allocate a static plan once with `allocate_plan(...)` (capacities f
 then before each replay call `plan_paged_attention(..., buffers=static_plan)`, which copies the step's
 plan into those buffers (device copies only; it coarsens the KV chunks until the step fits and raises
 ValueError if even unsplit it does not). A static plan launches one program per item slot by default (the
-idle ones exit at once; the kernel then runs without its grid-stride loop, which cost 5-14% per decode step
+idle ones exit at once; the kernel then runs without its grid-stride loop, which cost 3-31% per decode step
 on an H200: bench_kernels.py --decode-variants, session 6); `num_programs=` a few per SM makes the programs
 loop over the step's items instead.
 Sizing for a captured decode batch of N sequences in G groups of B: max_tokens = N,

@@ -14,6 +14,10 @@ descriptions, no code copied.
                 adjacent program ids and share the chunk through L2.
               own item: rows of one sequence; one chunk of its own pages, causal (row token i of a q_len
                 chunk sees own positions <= own_len - q_len + i).
+              fused item (kind 8): an own item of a member whose chunk fills large tiles alone (prefill);
+                it reads its group's prefix first, then its own pages, and writes its rows directly: no
+                partials and no merge. Sharing the prefix tiles with other members saves nothing there (a
+                tile never spans two such members), and the tiles of one prefix chunk still run adjacent.
               wide item (opt-in): one decode token's query heads of every KV head; columns are (key token,
                 KV head) pairs, so a key token's heads are one contiguous read; other heads' scores masked.
                 Compiled only into launches whose plan may hold wide items (HAS_WIDE).
@@ -40,13 +44,22 @@ Limits: head_dim a power of two in [16, 256]; dtypes fp16/bf16 (fp32 for tests: 
 outputs in q's dtype, lse fp32 natural log; inference only (no backward); no sliding window, ALiBi or
 softcap; KV in the query's dtype (no FP8 KV).
 
-TMA key loads (opt-in: `plan.use_tma`, EngineConfig.attention_tma): the unmasked key blocks of an item whose
+TMA key loads (`plan.use_tma`; by default in prefill steps whose pages hold whole 64-key blocks, see
+attention_plan.plan_paged_attention; EngineConfig.attention_tma): the unmasked key blocks of an item whose
 KV range starts on a BLOCK_N boundary are read through tensor descriptors over the pool viewed as
 (pages * page_size, Hkv * D), one page lookup per block instead of one per key; the launcher turns them on
 only for a contiguous shared pool whose pages hold whole blocks (page_size % BLOCK_N == 0) on sm_90 or later.
 Compiled for sm_90a (benchmarks/compile_check.py, triton 3.9) the main loop becomes cp.async.bulk.tensor
-with mbarrier waits, at the same 255 registers (prefill tiles spill 832 bytes instead of 744). Not yet
-timed on a GPU: `bench_kernels.py --decode-variants --prefill-variants` has the columns.
+with mbarrier waits. On the H200 they made prefill chunks 6-7% faster and, with fused items and 64 x 64
+tiles, 13-20%; on decode steps they were faster on most but up to 1.7x slower on some (steps of large
+groups with 64-row prefix tiles), so decode keeps pointer loads (session 6's variant tables).
+
+Compiled branches: a plan made for its step launches one program per item (no grid-stride loop: the loop
+kept each item's state live across iterations, and prefill tiles spilled 744 bytes with it against 32
+without), and the kernel is compiled only with the branches its plan can hold (16-row, wide, fused; the
+prefix and own large tiles share one branch when their tiles are equal). A static plan (CUDA graphs) also
+launches one program per item slot by default (the idle ones exit at once); `num_programs=` selects the
+grid-stride loop.
 
 Tested: against `paged_attention_reference` (outputs and lse, NaN-poisoned outputs and workspace) under
 TRITON_INTERPRET=1 on CPU (tests/kernels, triton 3.9), every change, TMA loads included, and inside the
@@ -67,6 +80,13 @@ S=256, GQA 4: 5.1x SDPA on duplicated KV, 3.4x FlexAttention; groups of one are 
 SDPA on every row. Prefill chunks (4 x 512 tokens): 29-30% of the bf16 matmul rate at P=2048, 39% at
 P=8192 (0.73-0.88x SDPA flash). No tile, warp, stage or occupancy variant beats the planner's choice by
 more than 6% (session 5's variant tables).
+Session 6 (same H200 type; benchmarks/results/2026-11-29-session6): without the item loop and with only the
+needed branches, decode steps took 2-38% less time (W-paper's decode step 305 -> 250 us, one group of 256
+members 174 -> 108 us) and prefill chunks 7-11% less; with fused items, 64 x 64 tiles and TMA, prefill
+chunks reach 42-47% of the matmul rate (4 x 512 tokens at P = 2048: 340 -> 226 us). The ceiling
+(benchmarks/attention_ceiling.py): a dense Triton flash kernel without pages reaches 62-74% on the same
+shapes (128 x 128 tiles, 8 warps, TMA over contiguous KV), SDPA flash 36-43%, cuDNN 32-40%; 128-key TMA
+blocks need pages of 128 tokens, and the engine's are 64.
 """
 
 from __future__ import annotations

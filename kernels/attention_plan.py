@@ -207,7 +207,8 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                    buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """`plan_paged_attention` on host arrays (page_size: the KV pages', which decide whether TMA key loads
     can serve a prefill step's 64-key blocks; None: they cannot). own_starts / prefix_starts: first visible key of each
-    sequence's own KV / each group's prefix (left padding in the dense layout; zeros when None)."""
+    sequence's own KV / each group's prefix (left padding in the dense layout; zeros when None). fuse: let
+    members with long chunks read their group's prefix in their own items (see below)."""
     if num_q_heads % num_kv_heads:
         raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads}).")
     ratio = num_q_heads // num_kv_heads
@@ -226,8 +227,18 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     # Fused members: a chunk of >= PREFILL_TILE rows fills large tiles on its own, so sharing its group's
     # prefix tiles with other members saves no reads (a tile never spans two such members' rows anyway);
     # its own items read the prefix first, then its own KV, and write the output directly (no partials,
-    # no merge launch for them). Plans made for their step only (a static plan's kernel has no such items).
-    fused = has_prefix & (q_lens * ratio >= PREFILL_TILE) if fuse and buffers is None else np.zeros_like(has_prefix)
+    # no merge launch for them). Fused items are never split, so only where the planner below would not
+    # split the prefix either: at most _MIN_CHUNK_FILLED keys, in a step whose unfused items fill the GPU
+    # (unfused, P = 8192 went 3.5% faster than fused; a step of few long items needs its splits).
+    # Plans made for their step only (a static plan's kernel has no such items).
+    fused = np.zeros_like(has_prefix)
+    if fuse and buffers is None and prefix_lens.size:
+        span = prefix_spans[np.clip(seq_group, 0, None)]
+        fused = has_prefix & (q_lens * ratio >= PREFILL_TILE) & (span <= _MIN_CHUNK_FILLED)
+        # unfused, these members alone would make a prefix and an own item per tile and KV head
+        fused_items = 2 * int(_cdiv(q_lens[fused] * ratio, PREFILL_TILE).sum()) * num_kv_heads
+        if fused_items < num_sms * _PROGRAMS_PER_SM:
+            fused[:] = False
     has_prefix = has_prefix & ~fused
     new_run = np.ones(seq_group.shape[0], dtype=bool)
     new_run[1:] = (seq_group[1:] != seq_group[:-1]) | ~has_prefix[1:] | ~has_prefix[:-1]
@@ -268,7 +279,8 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     total_rows = int(run_rows.sum() + own_rows.sum())
     prefill = is_prefill_step(int(own_rows[~own_wide].max(initial=0)), total_rows, head_dim)
     if use_tma is None:  # TMA key loads where measured faster: prefill steps whose pages hold whole 64-key blocks
-        use_tma = prefill and page_size is not None and page_size % 64 == 0
+        use_tma = (prefill and page_size is not None and page_size % 64 == 0
+                   and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9))
     if buffers is not None:
         bm, bmo = buffers.block_m, buffers.block_m_own
         bn, warps, stages = buffers.block_n, buffers.num_warps, buffers.num_stages
@@ -396,6 +408,9 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         buffers.needs_merge = num_part_slots > 0
         buffers.has_small = bool(((items[:, 0] == 2) | (items[:, 0] == 3)).any())
         buffers.has_fused = bool((items[:, 0] == FUSED).any())
+    if not buffers.has_small and ((items[:, 0] == 2) | (items[:, 0] == 3)).any():
+        raise ValueError("this plan's kernel is compiled without 16-row tiles (has_small=False) but the step has "
+                         "decode-sized row sets; plan it anew or use a static plan from allocate_plan.")
     for name, have, need in (("max_items", buffers.items.shape[0], items.shape[0]),
                              ("max_tokens", buffers.num_parts.shape[0], num_tokens),
                              ("max_parts", buffers.part_out.shape[0], num_part_slots)):

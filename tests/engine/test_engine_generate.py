@@ -397,19 +397,32 @@ def test_decode_graph_static_plan_holds_groups_of_one_at_a_large_gqa_ratio():
     assert int(plan.num_items) == (4 + 1) * 2 * b
 
 
-@pytest.mark.parametrize("tma,static", [(False, False), (True, False), (True, True), (None, True)])
-def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static):
+@pytest.mark.parametrize("tma,static,fused", [(False, False, False), (True, False, False), (True, True, False),
+                                              (None, True, False), (None, False, True), (True, False, True)])
+def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused):
     """The engine's steps through the real Triton kernel (the CPU interpreter stands in for CUDA), with and
     without TMA key loads (EngineConfig.attention_tma): pages of 64 tokens, prefixes of over two key blocks,
     so prefill and decode both run unmasked blocks; tokens equal HF generate's (fp32). static: decode steps
     through the CUDA-graph path's static plan (allocated with the engine's TMA setting, one program per item
     slot), run eagerly. None (the default) uses TMA in prefill tile configurations only, which these tiny
-    steps never reach (tests/kernels has the planner's rule)."""
+    steps never reach (tests/kernels has the planner's rule). fused: members' prefill chunks of >= 128 rows
+    read their group's prefix in fused items (the planner's GPU-filling condition lowered to this scale)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
     from batchllm_hf.kernels import attention_ops, shared_prefix_triton
 
     monkeypatch.setattr(attention_ops, "use_triton", lambda q: True)
+    from batchllm_hf.engine import runner as runner_module
+
+    plans = []
+    real_plan = runner_module.plan_attention
+    scale = {"num_sms": 1} if fused else {}  # 4 programs fill this "GPU": fusing needs filled steps
+
+    def plan(*args, **kwargs):
+        plans.append(real_plan(*args, **kwargs, **scale))
+        return plans[-1]
+
+    monkeypatch.setattr(runner_module, "plan_attention", plan)
     descriptors = []
     real = shared_prefix_triton._pool_descriptor
     monkeypatch.setattr(shared_prefix_triton, "_pool_descriptor", lambda *a: descriptors.append(a[1]) or real(*a))
@@ -428,5 +441,6 @@ def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static):
                                                      min_capture_steps=0)
     assert [o.token_ids for o in engine.generate(prompts, greedy(3))] == expected
     assert bool(descriptors) == (tma is True)
+    assert any(p.has_fused for p in plans) == fused
     assert not static or (graphs.admitted and graphs.plan.use_tma == (tma is True)
                           and graphs.plan.num_programs == graphs.plan.items.shape[0])

@@ -263,14 +263,18 @@ def test_fused_prefill_items(use_tma, page_size, monkeypatch):
     real = shared_prefix_triton._pool_descriptor
     monkeypatch.setattr(shared_prefix_triton, "_pool_descriptor", lambda *a: used.append(a[1]) or real(*a))
     groups = [(200, [(70, 40), (150, 33), (9, 5), (30, 1)]), (77, [(64, 64)]), (None, [(50, 40)])]
-    fused = run_and_compare(groups, 8, 2, 64, torch.float32, page_size=page_size, block_n=32, use_tma=use_tma)
+    fused = run_and_compare(groups, 8, 2, 64, torch.float32, page_size=page_size, block_n=32, use_tma=use_tma,
+                            num_sms=1)
     items = fused.items[: int(fused.num_items)]
     kinds = items[:, 0].tolist()
     assert fused.has_fused and kinds.count(8) > 0 and set(items[items[:, 0] == 8][:, 12].tolist()) == {200, 77}
     assert (items[items[:, 0] != 8][:, 10:] == 0).all()
     assert bool(used) == use_tma
     plain = run_and_compare(groups, 8, 2, 64, torch.float32, page_size=page_size, block_n=32, use_tma=use_tma,
-                            fuse=False)
+                            fuse=False, num_sms=1)
+    # only where fused items lose no parallelism: prefixes of at most 2048 keys, steps whose items fill the GPU
+    few = run_and_compare(groups, 8, 2, 64, torch.float32, page_size=page_size, block_n=32, use_tma=use_tma)
+    assert not few.has_fused  # 132 SMs (the CPU default) would wait on a few long fused items
     assert not plain.has_fused and 8 not in plain.items[: int(plain.num_items)][:, 0].tolist()
     num_tokens = 40 + 33 + 5 + 1 + 64 + 40
     assert int((fused.num_parts[:num_tokens] > 1).sum()) < int((plain.num_parts[:num_tokens] > 1).sum())
@@ -283,15 +287,20 @@ def test_planner_default_tma_and_compiled_branches():
     # step of long prefill chunks alone is compiled without the 16-row branch; with decode rows, with it).
     from batchllm_hf.kernels.attention_plan import plan_attention
 
-    def plan(q_lens, own_lens, page_size=64, **kw):
+    def plan(q_lens, own_lens, page_size=64, prefix=512, **kw):
         n = len(q_lens)
         return plan_attention(np.concatenate([[0], np.cumsum(q_lens)]), np.array(own_lens), np.zeros(n, np.int64),
-                              np.array([512]), 32, 8, 128, torch.device("cpu"), num_sms=132, page_size=page_size, **kw)
+                              np.array([prefix]), 32, 8, 128, torch.device("cpu"), num_sms=132, page_size=page_size,
+                              **kw)
 
     chunks = ([512] * 4, [512] * 4)  # 4 chunks of 512 tokens, GQA 4: 8192 rows
     prefill = plan(*chunks)
     assert (prefill.block_m_own, prefill.block_n, prefill.use_tma, prefill.has_small) == (64, 64, True, False)
     assert prefill.has_fused  # every member's chunk has 2048 rows
+    # not fused: a prefix of over 2048 keys (the planner may split those; at P = 8192 unfused measured
+    # faster), or too few members to fill the GPU (a few long fused items would leave SMs idle)
+    assert not plan(*chunks, prefix=8192).has_fused
+    assert not plan([512], [512]).has_fused
     pointer = plan(*chunks, page_size=16)
     assert (pointer.block_m_own, pointer.block_n, pointer.use_tma) == (128, 32, False)
     mixed = plan([512] * 4 + [1] * 8, [512] * 4 + [40] * 8)
@@ -300,6 +309,8 @@ def test_planner_default_tma_and_compiled_branches():
     assert (decode.block_m_own, decode.use_tma, decode.has_small, decode.has_fused) == (16, False, True, False)
     assert plan(*chunks, use_tma=False).use_tma is False
     assert plan([1] * 64, [40] * 64, use_tma=True).use_tma is True
+    with pytest.raises(ValueError, match="16-row"):  # a prefill plan's kernel has no 16-row branch to reuse
+        plan([1] * 64, [40] * 64, buffers=prefill)
 
 
 def test_wide_items_split_by_their_work():

@@ -227,18 +227,21 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     # Fused members: a chunk of >= PREFILL_TILE rows fills large tiles on its own, so sharing its group's
     # prefix tiles with other members saves no reads (a tile never spans two such members' rows anyway);
     # its own items read the prefix first, then its own KV, and write the output directly (no partials,
-    # no merge launch for them). Fused items are never split, so only where the planner below would not
-    # split the prefix either: at most _MIN_CHUNK_FILLED keys, in a step whose unfused items fill the GPU
-    # (unfused, P = 8192 went 3.5% faster than fused; a step of few long items needs its splits).
+    # no merge launch for them). Fused items are never split, so only where the chunk rule below would not
+    # split the prefix either: in a step whose items fill the GPU, a prefix within the larger of
+    # _MIN_CHUNK_FILLED and a fair share of the fused members' work alone (a lower bound of the step's).
     # Plans made for their step only (a static plan's kernel has no such items).
     fused = np.zeros_like(has_prefix)
     if fuse and buffers is None and prefix_lens.size:
         span = prefix_spans[np.clip(seq_group, 0, None)]
-        fused = has_prefix & (q_lens * ratio >= PREFILL_TILE) & (span <= _MIN_CHUNK_FILLED)
+        fused = has_prefix & (q_lens * ratio >= PREFILL_TILE)
+        tiles = _cdiv(q_lens[fused] * ratio, PREFILL_TILE)
+        target = num_sms * _PROGRAMS_PER_SM
+        share = int((tiles * (span[fused] + own_lens[fused] - own_starts[fused])).sum()) * num_kv_heads // target
         # unfused, these members alone would make a prefix and an own item per tile and KV head
-        fused_items = 2 * int(_cdiv(q_lens[fused] * ratio, PREFILL_TILE).sum()) * num_kv_heads
-        if fused_items < num_sms * _PROGRAMS_PER_SM:
+        if 2 * int(tiles.sum()) * num_kv_heads < target:
             fused[:] = False
+        fused &= span <= max(_MIN_CHUNK_FILLED, share)
     has_prefix = has_prefix & ~fused
     new_run = np.ones(seq_group.shape[0], dtype=bool)
     new_run[1:] = (seq_group[1:] != seq_group[:-1]) | ~has_prefix[1:] | ~has_prefix[:-1]

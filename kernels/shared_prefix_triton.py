@@ -15,8 +15,8 @@ descriptions, no code copied.
               own item: rows of one sequence; one chunk of its own pages, causal (row token i of a q_len
                 chunk sees own positions <= own_len - q_len + i).
               fused item (kind 8): an own item of a member whose chunk fills large tiles alone (prefill;
-                prefixes of at most 2048 keys in steps whose items fill the GPU, since fused items are never
-                split); it reads its group's prefix first, then its own pages, and writes its rows directly:
+                in steps whose items fill the GPU and only prefixes the planner would not split, since
+                fused items are never split); it reads its group's prefix first, then its own pages, and writes its rows directly:
                 no partials and no merge. Sharing the prefix tiles with other members saves nothing there (a
                 tile never spans two such members), and the tiles of one prefix chunk still run adjacent.
               wide item (opt-in): one decode token's query heads of every KV head; columns are (key token,

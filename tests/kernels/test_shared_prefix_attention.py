@@ -297,10 +297,12 @@ def test_planner_default_tma_and_compiled_branches():
     prefill = plan(*chunks)
     assert (prefill.block_m_own, prefill.block_n, prefill.use_tma, prefill.has_small) == (64, 64, True, False)
     assert prefill.has_fused  # every member's chunk has 2048 rows
-    # not fused: a prefix of over 2048 keys (the planner may split those; at P = 8192 unfused measured
-    # faster), or too few members to fill the GPU (a few long fused items would leave SMs idle)
-    assert not plan(*chunks, prefix=8192).has_fused
-    assert not plan([512], [512]).has_fused
+    # fused only where the chunk rule would not split the prefix: a step that fills the GPU (here a fair
+    # share of the work is over 8192 keys, so that prefix stays whole fused or not); one member alone is
+    # too few (unfused, its prefix is split over many programs; fused, 8 long items would leave SMs idle)
+    assert plan(*chunks, prefix=8192).has_fused
+    alone = plan([512], [512], prefix=8192)
+    assert not alone.has_fused and int(alone.items[: int(alone.num_items)][:, 5].max()) > 0
     pointer = plan(*chunks, page_size=16)
     assert (pointer.block_m_own, pointer.block_n, pointer.use_tma) == (128, 32, False)
     mixed = plan([512] * 4 + [1] * 8, [512] * 4 + [40] * 8)

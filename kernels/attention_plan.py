@@ -280,7 +280,8 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     own_rows = np.where(own_wide, own_tokens * num_q_heads, own_tokens * ratio)
 
     total_rows = int(run_rows.sum() + own_rows.sum())
-    prefill = is_prefill_step(int(own_rows[~own_wide].max(initial=0)), total_rows, head_dim)
+    max_own_rows = int(own_rows[~own_wide].max(initial=0))
+    prefill = is_prefill_step(max_own_rows, total_rows, head_dim)
     if use_tma is None:  # TMA key loads where measured faster: prefill steps whose pages hold whole 64-key blocks
         use_tma = (prefill and page_size is not None and page_size % 64 == 0
                    and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9))
@@ -288,9 +289,8 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         bm, bmo = buffers.block_m, buffers.block_m_own
         bn, warps, stages = buffers.block_n, buffers.num_warps, buffers.num_stages
     else:
-        bm, bmo, bn, warps, stages = tile_config(int(run_rows[~run_wide].max(initial=0)),
-                                                 int(own_rows[~own_wide].max(initial=0)), head_dim, total_rows,
-                                                 tma=use_tma)
+        bm, bmo, bn, warps, stages = tile_config(int(run_rows[~run_wide].max(initial=0)), max_own_rows, head_dim,
+                                                 total_rows, tma=use_tma)
         bm, bmo = block_m or bm, block_m or bmo
 
     # Per row set: tile rows, kind, tiles, programs per (tile, KV chunk): Hkv for one-head items, 1 for wide.

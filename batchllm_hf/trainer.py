@@ -122,7 +122,7 @@ class BatchLLMSeq2SeqTrainer(Seq2SeqTrainer):
         per_rank = [None] * world
         torch.distributed.all_gather_object(per_rank, prompts)
         everything = [p for rank_prompts in per_rank for p in rank_prompts]
-        engine = self.engine_config or EngineConfig()  # deal groups as the engine will form them
+        engine = (self.engine_config or EngineConfig()).for_device(self.model.device)  # as the engine will group
         mine = _deal_groups(everything, world, min_prefix_len=engine.min_prefix_len or engine.page_size,
                             align=engine.page_size)[rank]
         generator = BatchGenerator(self.model, None, engine_config=self.engine_config)

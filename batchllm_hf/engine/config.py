@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import torch
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Settings of one `Engine`.
 
-    page_size:           tokens per KV page (a power of two). Group prefixes are cut to whole pages.
+    page_size:           tokens per KV page (a power of two). Group prefixes are cut to whole pages. None
+                         (default): 64 on a CUDA GPU (whole 64-key blocks: the prefill attention's TMA key
+                         loads), 16 elsewhere (less of a short shared prefix lost to page rounding).
     max_batch_tokens:    token budget of one step (decode tokens + prefill chunks).
     num_pages:           KV pool size in pages; None sizes it from free accelerator memory (CPU: 4096).
     kv_memory_fraction:  share of the free accelerator memory (after the model loaded) given to the KV pool.
@@ -21,11 +25,11 @@ class EngineConfig:
     min_prefix_len:      shortest prefix worth a group (tokens); None = one page.
     cuda_graphs:         capture decode-only steps as CUDA graphs (ignored on CPU).
     max_graph_batch:     the largest decode step (sequences) run as a CUDA graph; sizes 1, 2, 4, ..., 256, then
-                         multiples of 128 up to it (a step pads to the next size); larger decode steps run
+                         multiples of 64 up to it (a step pads to the next size); larger decode steps run
                          eagerly. A size is captured once it will serve at least a few steps
                          (decode_graphs.py). Each captured size keeps its logits (a size of 1024 holds 256 MB of
-                         bf16 logits for a 128k vocabulary; all 15 sizes up to 1024, 1.2 GB); lower it on a GPU
-                         with little memory left beside the KV pool.
+                         bf16 logits for a 128k vocabulary; all 21 sizes up to 1024, if every one were captured,
+                         2.2 GB); lower it on a GPU with little memory left beside the KV pool.
     attention_backend:   "triton", "sdpa" or "reference" (kv_pool.PagedCache); None picks the fastest here.
     overlap_steps:       launch step N+1 before reading step N's tokens back (same outputs; off: one step at
                          a time, the host idle while the device runs and the other way round).
@@ -39,7 +43,7 @@ class EngineConfig:
                          some decode steps); False: never. Same outputs either way.
     """
 
-    page_size: int = 16
+    page_size: int | None = None
     max_batch_tokens: int = 4096
     num_pages: int | None = None
     kv_memory_fraction: float = 0.85
@@ -55,8 +59,14 @@ class EngineConfig:
     fused_ops: bool = True
     attention_tma: bool | None = None
 
+    def for_device(self, device) -> "EngineConfig":
+        """This config with its device-dependent defaults filled in (page_size)."""
+        if self.page_size is not None:
+            return self
+        return replace(self, page_size=64 if torch.device(device).type == "cuda" else 16)
+
     def __post_init__(self):
-        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+        if self.page_size is not None and (self.page_size < 1 or self.page_size & (self.page_size - 1)):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}.")
         if self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}.")

@@ -1,7 +1,7 @@
 """Decode steps replayed as CUDA graphs, so a small model's step is not bound by Python launch overhead.
 
 A decode-only step (one query token per sequence) with n sequences runs on static buffers of the next
-size b >= n: powers of two up to 256, then multiples of 128 up to max_size (so a step of 800 pads to 896,
+size b >= n: powers of two up to 256, then multiples of 64 up to max_size (so a step of 800 pads to 832,
 not 1024: at that size the step is matmul-bound and padding costs its share of the matmuls). Rows n..b-1
 are padding: token 0 at position 0, writing its KV to a scratch page no sequence owns, attending only to
 itself, logits discarded. Before each replay
@@ -22,6 +22,7 @@ this engine (with a warning) and the step runs eagerly.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 
@@ -38,11 +39,11 @@ from ..kernels import allocate_plan
 
 MIN_CAPTURE_STEPS = 6
 _POWER_SIZES_UP_TO = 256
-_SIZE_STEP = 128
+_SIZE_STEP = 64
 
 
 def graph_sizes(max_size: int) -> list[int]:
-    """Batch sizes that get their own graph: 1, 2, 4, ..., 256, then 384, 512, ... up to max_size."""
+    """Batch sizes that get their own graph: 1, 2, 4, ..., 256, then 320, 384, ... up to max_size."""
     sizes = [1 << i for i in range(max_size.bit_length()) if 1 << i < min(max_size, _POWER_SIZES_UP_TO + 1)]
     sizes += list(range(_POWER_SIZES_UP_TO + _SIZE_STEP, max_size, _SIZE_STEP))
     return sorted(set(sizes) | {max_size})
@@ -63,6 +64,7 @@ class DecodeGraphs:
         self.plan_misses = 0  # decode steps that ran eagerly because they did not fit the static plan
         self.setup_seconds = 0.0  # host time spent capturing graphs and checking their first replays
         self.graphs: dict[int, tuple] = {}  # size -> (graph, its logits, the eager warm-up's logits or None)
+        self.plans: dict = {}  # size -> its static plan (shared buffers, the size's own tiles)
         b, device, i32 = max_size, model.device, torch.int32
         self.input_ids = torch.zeros((1, b), dtype=torch.long, device=device)
         self.position_ids = torch.zeros((1, b), dtype=torch.long, device=device)
@@ -85,7 +87,9 @@ class DecodeGraphs:
             # GPU unsplit). Partials cost Hq * head_dim * 4 bytes each: 4 * b + 4096 of them is 134 MB at
             # b = 1024 for Llama-3-8B (16 * b + 4096 was 335 MB).
             # Tiles of the planner's decode choice for 64-row groups (64 keys, 4 warps, 2 stages at head_dim
-            # <= 128; 32 keys, 3 stages above, which fit shared memory: tests/kernels/test_compile_sm90.py).
+            # <= 128; 32 keys, 3 stages above, which fit shared memory: tests/kernels/test_compile_sm90.py);
+            # each size replaces them with its own on admission (_plan_for). The item capacity holds any
+            # prefix tile size >= 16 rows.
             block_m, block_m_own, block_n, num_warps, num_stages = tile_config(64, 16, head_dim, 64)
             ratio = num_q_heads // num_kv_heads
             tiles = -(-ratio // 16) + -(-ratio // 64)
@@ -106,7 +110,20 @@ class DecodeGraphs:
     def _step(self, b: int, shape: StepShape | None) -> Step:
         meta = PagedAttentionMetadata(self.q_starts[:b + 1], self.own_lens[:b], self.own_pages[:b], self.seq_group[:b],
                                       self.prefix_pages, self.prefix_lens, self.cache.page_size)
-        return Step(self.slots[:b], meta, shape, self.plan)
+        return Step(self.slots[:b], meta, shape, self.plans.get(b, self.plan))
+
+    def _plan_for(self, n: int, seq_group: np.ndarray):
+        """The static plan of a size first admitted on this step: the shared buffers with the tiles the
+        per-step planner would pick for it (prefix tiles of at least 64 rows, so a later step of the size
+        with larger groups than this one's still shares each prefix tile among 64 rows)."""
+        num_q_heads, num_kv_heads, head_dim = self.cache.num_heads
+        ratio = num_q_heads // num_kv_heads
+        grouped = seq_group[seq_group >= 0]
+        largest = int(np.bincount(grouped).max()) if grouped.size else 0
+        block_m, block_m_own, block_n, num_warps, num_stages = tile_config(max(64, largest * ratio), ratio, head_dim,
+                                                                           n * ratio)
+        return dataclasses.replace(self.plan, block_m=block_m, block_m_own=block_m_own, block_n=block_n,
+                                   num_warps=num_warps, num_stages=num_stages)
 
     def _run_static(self, b: int, step: Step) -> torch.Tensor:
         self.cache.step = step
@@ -147,6 +164,8 @@ class DecodeGraphs:
                 self.skipped += 1
                 return None
             self.admitted.add(b)
+            if self.plan is not None:
+                self.plans[b] = self._plan_for(n, host.seq_group)
         meta = step.meta
         self.input_ids[:, :n] = input_ids
         self.position_ids[:, :n] = position_ids
@@ -168,7 +187,7 @@ class DecodeGraphs:
             try:
                 plan_attention(np.arange(b + 1), np.concatenate([host.own_lens, np.ones(pad, dtype=np.int64)]),
                                np.concatenate([host.seq_group, np.full(pad, -1, dtype=np.int64)]), host.prefix_lens,
-                               *self.cache.num_heads, self.model.device, buffers=self.plan)
+                               *self.cache.num_heads, self.model.device, buffers=self.plans[b])
             except ValueError as error:  # the step does not fit the static plan: this one runs eagerly
                 if not self.plan_misses:
                     warnings.warn(f"a decode step of {n} sequences did not fit the CUDA graphs' static attention "

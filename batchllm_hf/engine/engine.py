@@ -1,6 +1,6 @@
 """Engine: BatchLLM-style batch generation over an HF causal LM's own forward.
 
-    engine = Engine(model, EngineConfig(page_size=16))
+    engine = Engine(model, EngineConfig(max_batch_tokens=8192))
     outputs = engine.generate(prompts, GenerationConfig(max_new_tokens=64))   # list[RequestOutput]
 
 Flow: prompts -> groups (shared prefixes, clustering.py) -> Scheduler (admission, token batching, pages)
@@ -67,7 +67,7 @@ class Engine:
     def __init__(self, model, config: EngineConfig | None = None):
         check_model_supported(model)
         self.model = model
-        self.config = config or EngineConfig()
+        self.config = (config or EngineConfig()).for_device(model.device)
         self.stats = EngineStats()
         self._cache: PagedCache | None = None
         self.decode_graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps, built on first use

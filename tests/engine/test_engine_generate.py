@@ -128,6 +128,15 @@ def test_rejects_bad_input():
         Engine(sliding)
 
 
+def test_page_size_default_follows_the_device():
+    # pages of 64 on CUDA (the prefill attention's TMA key loads need whole 64-key blocks), 16 elsewhere
+    assert EngineConfig().page_size is None
+    assert EngineConfig().for_device("cpu").page_size == 16
+    assert EngineConfig().for_device(torch.device("cuda", 0)).page_size == 64
+    assert EngineConfig(page_size=32).for_device("cuda").page_size == 32
+    assert Engine(tiny_model("llama"), EngineConfig(num_pages=8)).config.page_size == 16
+
+
 def test_attention_mask_is_not_materialized():
     """sdpa_mask must skip the mask for the packed step: PagedKV.attend raises if one arrives."""
     model = tiny_model("llama")
@@ -180,8 +189,33 @@ def test_decode_graph_sizes_follow_max_graph_batch():
     cache = Engine(model, EngineConfig(page_size=4, num_pages=64))._kv_cache()
     sizes = {n: DecodeGraphs(model, cache, None, max_size=n, table_width=8, capture=False).sizes for n in (1, 6, 1024)}
     assert sizes == {1: [1], 6: [1, 2, 4, 6],
-                     1024: [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]}
+                     1024: [1, 2, 4, 8, 16, 32, 64, 128, 256] + list(range(320, 1025, 64))}
     assert DecodeGraphs(model, cache, None, max_size=300, table_width=8, capture=False).sizes[-2:] == [256, 300]
+
+
+@pytest.mark.parametrize("members,ratio", [(16, 7), (4, 2), (1, 4), (256, 1), (256, 4)])
+def test_decode_graph_sizes_take_the_planners_tiles(members, ratio):
+    """Each admitted size's static plan takes the tiles the per-step planner picks for its first step (W-paper's
+    groups of 16 x GQA 7 get 128-row prefix tiles, not the 64 every size used to share), over shared buffers."""
+    import numpy as np
+
+    from batchllm_hf.engine.decode_graphs import DecodeGraphs
+    from batchllm_hf.kernels.attention_plan import plan_attention
+
+    model = tiny_model("llama", num_kv_heads=2, ratio=ratio, head_dim=64)
+    cache = Engine(model, EngineConfig(page_size=4, num_pages=64, attention_backend="triton"))._kv_cache()
+    graphs = DecodeGraphs(model, cache, None, max_size=1024, table_width=8, capture=False)
+    n = 768
+    seq_group = np.repeat(np.arange(n // members), members) if members > 1 else np.full(n, -1)
+    static = graphs._plan_for(n, seq_group)
+    per_step = plan_attention(np.arange(n + 1), np.full(n, 5), seq_group, np.full(max(1, n // members), 64),
+                              *cache.num_heads, torch.device("cpu"), page_size=4)
+    tiles = lambda plan: (plan.block_m, plan.block_n, plan.num_warps, plan.num_stages)  # noqa: E731
+    # prefix tiles floor at 64 rows (row sets of <= 16 rows take the 16-row branch either way)
+    assert tiles(static) == (max(64, per_step.block_m),) + tiles(per_step)[1:]
+    assert static.items is graphs.plan.items and static.part_out is graphs.plan.part_out  # buffers shared
+    if (members, ratio) == (16, 7):
+        assert static.block_m == 128 and graphs.plan.block_m == 64
 
 
 def test_decode_graphs_skip_sizes_that_serve_few_steps():
@@ -194,7 +228,7 @@ def test_decode_graphs_skip_sizes_that_serve_few_steps():
     model = tiny_model("llama")
     cache = Engine(model, EngineConfig(page_size=4, num_pages=64))._kv_cache()
     graphs = DecodeGraphs(model, cache, None, max_size=1024, table_width=8, capture=False, min_capture_steps=6)
-    # 800 running: size 896, next smaller 768; 800 - 768 = 32 sequences must finish first
+    # 800 running: size 832, next smaller 768; 800 - 768 = 32 sequences must finish first
     remaining = np.concatenate([np.full(32, 40), np.full(768, 90)])
     assert graphs.expected_steps(800, remaining) == 40
     assert graphs.expected_steps(800, np.concatenate([np.full(32, 3), np.full(768, 90)])) == 3

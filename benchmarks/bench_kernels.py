@@ -247,16 +247,20 @@ DECODE_VARIANTS = [
     ("planner, pages of 16 (the grid's)", {"page_size": 16}),
     # the engine's CUDA-graph plan itself: a static plan (decode_graphs.py's capacities) launching a few
     # programs per SM that loop over the items, or one program per item slot (the idle ones exit at once)
-    ("CUDA-graph static plan, 8 programs per SM (loop)", {"static": 1056}),
-    ("CUDA-graph static plan, one program per slot", {"static": None}),
+    ("CUDA-graph static plan (tiles of the step it is first used on)", {"static": None}),
+    ("CUDA-graph static plan, 64-row prefix tiles (session 6)", {"static": None, "static_block_m": 64}),
 ]
 
 
-def _static_plan(meta, q, kv_heads, programs):
-    """A plan made like decode_graphs.py's: allocate_plan with its capacities for this batch, then filled."""
-    from batchllm_hf.kernels.attention_plan import tile_config
+def _static_plan(meta, q, kv_heads, programs, block_m=None):
+    """A plan made like decode_graphs.py's: allocate_plan with its capacities for this batch and the tiles
+    `static_decode_tiles` picks for it (block_m: override the prefix tiles), then filled."""
+    from batchllm_hf.kernels.attention_plan import static_decode_tiles
     seqs, ratio = meta.own_lens.shape[0], q.shape[1] // kv_heads
-    block_m, block_m_own, block_n, warps, stages = tile_config(64, 16, HEAD_DIM, 64)
+    group = meta.seq_group.cpu()
+    largest = int(torch.bincount(group[group >= 0]).max()) if (group >= 0).any() else 0
+    tiles = static_decode_tiles(largest * ratio, ratio, HEAD_DIM, seqs * ratio)
+    block_m, block_m_own, block_n, warps, stages = (block_m or tiles[0],) + tiles[1:]
     capacity = (-(-ratio // 16) + -(-ratio // 64)) * kv_heads * seqs + 4096
     buffers = allocate_plan(seqs, capacity, 4 * seqs + 4096, q.shape[1], HEAD_DIM, q.device, block_m=block_m,
                             block_m_own=block_m_own, block_n=block_n, num_warps=warps, num_stages=stages,
@@ -306,7 +310,7 @@ def decode_variants(ceilings) -> list[dict]:
             attention_plan._MIN_CHUNK_FILLED = change.get("min_chunk_filled", default_min_chunk)
             try:
                 if "static" in change:
-                    plan = _static_plan(meta, q, kv_heads, change["static"])
+                    plan = _static_plan(meta, q, kv_heads, change["static"], change.get("static_block_m"))
                 else:
                     plan = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=change.get("block_m"))
             finally:
@@ -336,9 +340,12 @@ PREFILL_VARIANTS = [  # (name, (block_m, block_n, warps, stages, masked-loop sta
     ("128 x 32, TMA", (128, 32, 4, 3, None, True, VARIANT_PAGE_SIZE)),
     # session 5's items: each member's rows in the group's shared prefix tiles + own items, merged after
     ("64 x 64, TMA, not fused", (64, 64, 4, 3, None, True, VARIANT_PAGE_SIZE, False)),
-    ("128 x 32, not fused (session 5's planner)", (128, 32, 4, 3, None, False, VARIANT_PAGE_SIZE, False)),
-    ("64 x 64, 4 warps, 3 stages, pointer loads", (64, 64, 4, 3, None, False, VARIANT_PAGE_SIZE)),
+    # the masked loop (causal diagonal, tail) unpipelined: 83 KiB of shared memory instead of 148 with fused
+    # items (compile_check.py), so two 4-warp programs fit an SM instead of one
+    ("64 x 64, 3 stages, masked 1 stage, TMA", (64, 64, 4, 3, 1, True, VARIANT_PAGE_SIZE)),
+    ("64 x 64, 2 stages, masked 1 stage, TMA", (64, 64, 4, 2, 1, True, VARIANT_PAGE_SIZE)),
     ("128 x 64, 8 warps, 3 stages, TMA", (128, 64, 8, 3, None, True, VARIANT_PAGE_SIZE)),
+    ("128 x 64, 8 warps, 3 stages, masked 1 stage, TMA", (128, 64, 8, 3, 1, True, VARIANT_PAGE_SIZE)),
     ("128 x 128, 8 warps, 2 stages, masked 1 stage, TMA", (128, 128, 8, 2, 1, True, 128)),
     ("planner, pages of 16 (the grid's)", (None, None, None, None, None, None, 16)),
 ]

@@ -165,7 +165,7 @@ CONFIGS = [  # (name, (head_dim, block_m, block_m_own, block_n, num_warps, num_s
 
 def planner_families() -> list[tuple]:
     """Per (head_dim, block_n, warps, stages), the largest row tiles `tile_config` picks (the CUDA-graph
-    plan of engine/decode_graphs.py takes tile_config(64, 16, ...) too)."""
+    plans of engine/decode_graphs.py take tile_config too, via static_decode_tiles)."""
     from batchllm_hf.kernels.attention_plan import tile_config
 
     largest = {}

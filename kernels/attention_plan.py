@@ -34,8 +34,9 @@ on an H200: bench_kernels.py --decode-variants, session 6); `num_programs=` a fe
 loop over the step's items instead.
 Sizing for a captured decode batch of N sequences in G groups of B: max_tokens = N,
 max_items >= Hkv * (N + G * ceil(B * ratio / block_m)) (unsplit) plus headroom for KV splits,
-max_parts >= 2 * N (prefix + own) plus headroom. The tile sizes of a static plan are fixed (block_m for
-the largest group: 64 suits B * ratio >= 64; row sets of <= 16 rows always take 16-row tiles).
+max_parts >= 2 * N (prefix + own) plus headroom. The tile sizes of a static plan are fixed when it is allocated
+(`static_decode_tiles`: the planner's for the step it is first used on; row sets of <= 16 rows always take
+16-row tiles).
 The graph also captures the metadata tensors' addresses: keep them static and copy each step into them.
 """
 
@@ -130,6 +131,15 @@ def tile_config(max_prefix_rows: int, max_own_rows: int, head_dim: int,
     # 231 for (128 keys, 8 warps, 3 stages) with 8 groups of 32 (128-row prefix tiles), 191 against 244 with
     # one group of 256 (GQA 8); 2 stages beat 3 by 10% with 32-256 members and lost 1-4% elsewhere.
     return block_m, block_m_own, 64, 4, 2
+
+
+def static_decode_tiles(max_group_rows: int, ratio: int, head_dim: int,
+                        total_rows: int) -> tuple[int, int, int, int, int]:
+    """The tiles of a static (CUDA-graph) decode plan first used on a step whose largest group has
+    `max_group_rows` rows: the per-step planner's, with prefix tiles of at least 64 rows (a later step of
+    larger groups still shares each prefix tile among 64 rows; row sets of <= 16 rows take 16-row tiles
+    anyway)."""
+    return tile_config(max(64, max_group_rows), ratio, head_dim, total_rows)
 
 
 def wide_tiles(num_q_heads: int, head_dim: int) -> tuple[int, int]:

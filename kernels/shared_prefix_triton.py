@@ -357,15 +357,20 @@ def _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stri
         offsets = pages * page_stride + (keys % PAGE_SIZE) * token_stride + column_offset
         k = tl.load(k_ptr + offsets[:, None] + dims[None, :])
         v = tl.load(v_ptr + offsets[:, None] + dims[None, :])
-    scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
+    # Raw scores; the scale folds into the exponent's argument (one FMA per score instead of a multiply and
+    # a subtract: the softmax, not the MMAs, bounds a Hopper flash loop). m_i is in scaled units.
+    scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
     if MASKED:
         visible = key_valid[None, :] & (keys[None, :] <= positions[:, None])
         if KV_HEADS_TILE > 1:
             visible = visible & (column_heads[None, :] == (heads // ratio)[:, None])
         scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.reduce(scores, 1, tl.standard._elementwise_max))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(scores - m_safe[:, None])
+    m_new = tl.maximum(m_i, tl.reduce(scores, 1, tl.standard._elementwise_max) * qk_scale)
+    if MASKED:  # a row may have seen no key yet: keep exp2's argument finite
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:  # every row saw this block's keys: m_new is finite
+        m_safe = m_new
+    p = tl.exp2(scores * qk_scale - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)

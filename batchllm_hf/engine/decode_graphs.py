@@ -13,7 +13,8 @@ runs the same static-buffer path eagerly, which is how the padding logic is test
 A size is captured only when the step says it will be used for at least `min_capture_steps` steps (the
 runner passes each sequence's expected remaining tokens; a capture costs about three eager forwards of
 host time, which a few replays do not pay back): the tail of a job, where the batch shrinks every step,
-runs eagerly instead of capturing a graph per step.
+pads into a size already captured while that is at most twice the batch, and runs eagerly below that,
+instead of capturing a graph per step.
 
 Safety net: the first replay of each size is checked against the eager warm-up forward that precedes
 the capture (same buffers, same inputs); a mismatch, or any error while capturing, turns graphs off for
@@ -29,7 +30,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..kernels.attention_plan import plan_attention, tile_config
+from ..kernels.attention_plan import plan_attention, static_decode_tiles, tile_config
 from ..kernels.paged import PagedAttentionMetadata
 from .kv_pool import PagedCache, Step
 from .paged_sdpa import StepShape
@@ -114,14 +115,13 @@ class DecodeGraphs:
 
     def _plan_for(self, n: int, seq_group: np.ndarray):
         """The static plan of a size first admitted on this step: the shared buffers with the tiles the
-        per-step planner would pick for it (prefix tiles of at least 64 rows, so a later step of the size
-        with larger groups than this one's still shares each prefix tile among 64 rows)."""
+        per-step planner would pick for it (attention_plan.static_decode_tiles)."""
         num_q_heads, num_kv_heads, head_dim = self.cache.num_heads
         ratio = num_q_heads // num_kv_heads
         grouped = seq_group[seq_group >= 0]
         largest = int(np.bincount(grouped).max()) if grouped.size else 0
-        block_m, block_m_own, block_n, num_warps, num_stages = tile_config(max(64, largest * ratio), ratio, head_dim,
-                                                                           n * ratio)
+        block_m, block_m_own, block_n, num_warps, num_stages = static_decode_tiles(largest * ratio, ratio, head_dim,
+                                                                                  n * ratio)
         return dataclasses.replace(self.plan, block_m=block_m, block_m_own=block_m_own, block_n=block_n,
                                    num_warps=num_warps, num_stages=num_stages)
 
@@ -161,11 +161,19 @@ class DecodeGraphs:
         b = self.size_for(n)
         if b not in self.admitted:
             if remaining is not None and self.expected_steps(n, remaining) < self.min_capture_steps:
-                self.skipped += 1
-                return None
-            self.admitted.add(b)
-            if self.plan is not None:
-                self.plans[b] = self._plan_for(n, host.seq_group)
+                # too few steps to pay for a capture of its own: pad into a larger size already taken, if
+                # at most twice as large (the shrinking tail of a large batch: an eager step of hundreds of
+                # sequences is bound by the host's launches, W-paper's took 40-50 ms against the 832
+                # graph's 28), else run eagerly
+                larger = min((s for s in self.admitted if s > b), default=None)
+                if larger is None or larger > 2 * n:
+                    self.skipped += 1
+                    return None
+                b = larger
+            else:
+                self.admitted.add(b)
+                if self.plan is not None:
+                    self.plans[b] = self._plan_for(n, host.seq_group)
         meta = step.meta
         self.input_ids[:, :n] = input_ids
         self.position_ids[:, :n] = position_ids

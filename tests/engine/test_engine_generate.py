@@ -237,10 +237,28 @@ def test_decode_graphs_skip_sizes_that_serve_few_steps():
     assert graphs.expected_steps(3, rng.permutation([4, 8, 6])) == 4  # size 4, next smaller 2: one must finish
 
     calls = []
-    graphs._run_static = lambda b, step: calls.append(b)
+    graphs._run_static = lambda b, step: calls.append(b) or torch.zeros(b, 2)
     taken = graphs.run(torch.zeros((1, 5), dtype=torch.long), torch.zeros((1, 5), dtype=torch.long), None, None,
                        np.array([9, 1, 7, 2, 5]))
     assert taken is None and graphs.skipped == 1 and not calls and not graphs.admitted
+    # once a size is taken, a shrinking batch pads into it while it is at most twice the batch
+    graphs.admitted.add(8)
+    step = lambda n: (torch.zeros((1, n), dtype=torch.long), torch.zeros((1, n), dtype=torch.long))  # noqa: E731
+    graphs._reset_padding = lambda lo, hi: None
+    from types import SimpleNamespace
+    meta = SimpleNamespace(own_lens=torch.ones(3), own_pages=torch.zeros((3, 1)), seq_group=torch.full((3,), -1),
+                           prefix_pages=torch.zeros((1, 1)), prefix_lens=torch.zeros(1))
+    fake = SimpleNamespace(slots=torch.zeros(3), meta=meta, shape=None)
+    graphs.run(*step(3), fake, None, np.array([2, 1, 1]))  # 3 -> size 4, 2 steps: 8 is at most 2 x 3? no
+    assert calls == [] and graphs.skipped == 2
+    graphs.min_capture_steps = 6
+    meta.own_lens, meta.own_pages, meta.seq_group = torch.ones(5), torch.zeros((5, 1)), torch.full((5,), -1)
+    fake.slots = torch.zeros(5)
+    graphs.run(*step(5), fake, None, np.array([9, 1, 7, 2, 5]))  # 5 -> size 8 itself (taken)
+    meta.own_lens, meta.own_pages, meta.seq_group = torch.ones(4), torch.zeros((4, 1)), torch.full((4,), -1)
+    fake.slots = torch.zeros(4)
+    graphs.run(*step(4), fake, None, np.array([2, 1, 1, 1]))  # 4 -> size 4 serves 1 step: pads into 8
+    assert calls == [8, 8] and graphs.skipped == 2 and graphs.admitted == {8}
     with pytest.raises(ValueError, match="max_graph_batch"):
         EngineConfig(max_graph_batch=0)
 

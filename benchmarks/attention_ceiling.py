@@ -10,7 +10,9 @@ bench_kernels.bench_prefill hands SDPA, so every column below does the same usef
 4 * Hq * D * M * C * (P + (C + 1) / 2).
 
 Columns: `_dense_prefill_kernel` below (contiguous KV, one (member, query head) per program row tile, no
-GQA folding, no pages) under several tile / warp / stage / TMA / accumulate-in-dot variants; torch SDPA's
+GQA folding, no pages) under several tile / warp / stage / TMA / accumulate-in-dot variants; a ladder from it
+toward our kernel, one difference at a time (`_ladder_prefill_kernel`: paged KV read through TMA with a
+page-table lookup per key block, the page id prefetched a block ahead or not, GQA rows folded or not); torch SDPA's
 flash, cuDNN and memory-efficient backends; our paged kernel as the planner runs it (pages of 16 and 64,
 with and without TMA key loads). Each is checked against SDPA flash (max abs error) and reported as
 TFLOP/s and a fraction of the measured bf16 matmul rate (issue 4's prefill target: >= 50%).
@@ -113,6 +115,110 @@ def dense_prefill(q, k, v, scale, block_m, block_n, warps, stages, tma, dot_acc,
     return out
 
 
+@triton.jit
+def _ladder_block(q, acc, m_i, l_i, k_desc, v_desc, table, next_page, start, n_kv, cols, q_pos, kv_head, qk_scale,
+                  MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                  PREFETCH: tl.constexpr):
+    if PREFETCH:
+        page = next_page
+        next_page = tl.load(table + tl.minimum(start + BLOCK_N, n_kv - 1) // PAGE_SIZE)
+    else:
+        page = tl.load(table + start // PAGE_SIZE)
+    row = page * PAGE_SIZE + start % PAGE_SIZE
+    k = k_desc.load([row, kv_head * HEAD_DIM])
+    v = v_desc.load([row, kv_head * HEAD_DIM])
+    qk = tl.dot(q, tl.trans(k))
+    if MASKED:
+        qk = tl.where((start + cols)[None, :] <= q_pos[:, None], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i, next_page
+
+
+@triton.jit
+def _ladder_prefill_kernel(q_ptr, o_ptr, k_desc, v_desc, table_ptr, stride_table, n_q, n_kv, ratio, num_q_heads,
+                           num_kv_heads, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PREFETCH: tl.constexpr,
+                           FOLD: tl.constexpr):
+    """The dense kernel one step closer to ours: K/V in a paged pool (pages of PAGE_SIZE in random order), each
+    key block's page looked up in the member's table (prefix pages then own pages) and read through TMA over the
+    pool viewed as (pages * page_size, Hkv * D), as our kernel's TMA path does. PREFETCH: the next block's page
+    id is loaded one iteration ahead (a loop-carried scalar) instead of right before its TMA load. FOLD: rows
+    are (token, query head) pairs of one KV head (row = token * ratio + h), q gathered through pointers from
+    (T, Hq, D), per-row causal limits: our kernel's GQA folding. q/o: (B, Hq, n_q, D) unfolded, (T, Hq, D)
+    folded. Lower-right causal."""
+    tile = tl.program_id(0)
+    member = tl.program_id(1) // (num_kv_heads if FOLD else num_q_heads)
+    head_index = tl.program_id(1) % (num_kv_heads if FOLD else num_q_heads)
+    kv_head = head_index if FOLD else head_index // ratio
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    if FOLD:
+        tokens = rows // ratio
+        heads = kv_head * ratio + rows % ratio
+        valid = tokens < n_q
+        offsets = ((member * n_q + tokens).to(tl.int64) * num_q_heads + heads) * HEAD_DIM
+    else:
+        tokens = rows
+        valid = rows < n_q
+        offsets = ((member * num_q_heads + head_index) * n_q + rows).to(tl.int64) * HEAD_DIM
+    q = tl.load(q_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+    q_pos = n_kv - n_q + tokens
+    table = table_ptr + member * stride_table
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
+    first_token = (tile * BLOCK_M) // ratio if FOLD else tile * BLOCK_M
+    last_token = tl.minimum(((tile + 1) * BLOCK_M - 1) // ratio if FOLD else (tile + 1) * BLOCK_M - 1, n_q - 1)
+    full_hi = (n_kv - n_q + first_token + 1) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(n_kv, n_kv - n_q + last_token + 1)
+    cols = tl.arange(0, BLOCK_N)
+    next_page = tl.load(table)
+    for start in range(0, full_hi, BLOCK_N):
+        acc, m_i, l_i, next_page = _ladder_block(q, acc, m_i, l_i, k_desc, v_desc, table, next_page, start, n_kv, cols,
+                                                 q_pos, kv_head, qk_scale, False, HEAD_DIM, BLOCK_N, PAGE_SIZE,
+                                                 PREFETCH)
+    for start in range(full_hi, hi, BLOCK_N):
+        acc, m_i, l_i, next_page = _ladder_block(q, acc, m_i, l_i, k_desc, v_desc, table, next_page, start, n_kv, cols,
+                                                 q_pos, kv_head, qk_scale, True, HEAD_DIM, BLOCK_N, PAGE_SIZE,
+                                                 PREFETCH)
+    o = acc / l_i[:, None]
+    tl.store(o_ptr + offsets[:, None] + dims[None, :], o.to(o_ptr.dtype.element_ty), mask=valid[:, None])
+
+
+def ladder_prefill(q, pool_k, pool_v, tables, n_q, n_kv, num_q_heads, num_kv_heads, scale, block_m, block_n, warps,
+                   stages, prefetch, fold, out):
+    """q/out unfolded (B, Hq, n_q, D) or folded (T, Hq, D); pools (pages, page_size, Hkv, D); tables (B, pages)."""
+    head_dim, page_size = pool_k.shape[-1], pool_k.shape[1]
+    k_desc, v_desc = (TensorDescriptor.from_tensor(t.view(t.shape[0] * page_size, -1), [block_n, head_dim])
+                      for t in (pool_k, pool_v))
+    members = tables.shape[0]
+    ratio = num_q_heads // num_kv_heads
+    rows = n_q * ratio if fold else n_q
+    grid = (triton.cdiv(rows, block_m), members * (num_kv_heads if fold else num_q_heads))
+    _ladder_prefill_kernel[grid](q, out, k_desc, v_desc, tables, tables.stride(0), n_q, n_kv, ratio, num_q_heads,
+                                 num_kv_heads, scale * _LOG2E, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+                                 PAGE_SIZE=page_size, PREFETCH=prefetch, FOLD=fold, num_warps=warps,
+                                 num_stages=stages)
+    return out
+
+
+# From the dense kernel to ours, one difference at a time (128 x 64 tiles, 8 warps, 3 stages, TMA, pages of 64;
+# and 64 x 64, 4 warps, the planner's prefill tiles): where the paged kernel loses the dense kernel's rate.
+LADDER_VARIANTS = [  # name, (block_m, block_n, warps, stages, prefetch, fold)
+    ("ladder 128x64 8w: paged, page id before each load", (128, 64, 8, 3, False, False)),
+    ("ladder 128x64 8w: paged, page id prefetched", (128, 64, 8, 3, True, False)),
+    ("ladder 128x64 8w: paged, prefetched, GQA rows folded", (128, 64, 8, 3, True, True)),
+    ("ladder 128x64 8w: paged, GQA rows folded", (128, 64, 8, 3, False, True)),
+    ("ladder 64x64 4w: paged, page id before each load", (64, 64, 4, 3, False, False)),
+    ("ladder 64x64 4w: paged, GQA rows folded", (64, 64, 4, 3, False, True)),
+    ("ladder 64x64 4w: paged, prefetched, GQA rows folded", (64, 64, 4, 3, True, True)),
+]
+
+
 DENSE_VARIANTS = [  # name, (block_m, block_n, warps, stages, tma, dot_acc)
     ("dense 128x64 4w 3st", (128, 64, 4, 3, False, True)),
     ("dense 128x64 4w 3st TMA", (128, 64, 4, 3, True, True)),
@@ -122,6 +228,7 @@ DENSE_VARIANTS = [  # name, (block_m, block_n, warps, stages, tma, dot_acc)
     ("dense 128x128 8w 3st TMA, acc + dot", (128, 128, 8, 3, True, False)),
     ("dense 128x128 8w 3st", (128, 128, 8, 3, False, True)),
     ("dense 128x32 4w 3st (our tiles)", (128, 32, 4, 3, False, False)),
+    ("dense 64x64 4w 3st TMA (the planner's prefill tiles)", (64, 64, 4, 3, True, True)),
 ]
 STEPS = [(4, 512, 2048, 4), (4, 512, 8192, 4), (16, 512, 2048, 4), (4, 512, 2048, 7)]  # members, chunk, P, GQA
 NUM_KV_HEADS, HEAD_DIM = 8, 128
@@ -179,7 +286,14 @@ def main() -> None:
                     return out.copy_(F.scaled_dot_product_attention(
                         qd, kx, vx, attn_mask=causal_lower_right(qd.shape[2], kx.shape[2]), scale=scale))
             record(label, run, out)
+        # the ladder: each member's KV as prefix pages then own pages of the same pool
+        tables = torch.cat([meta.prefix_pages[meta.seq_group.long()], meta.own_pages], dim=1).contiguous()
         flat = torch.empty_like(q)
+        for name, (bm, bn, warps, stages, prefetch, fold) in LADDER_VARIANTS:
+            src, dst = (q, flat) if fold else (qd, out)
+            record(name, lambda src=src, dst=dst, bm=bm, bn=bn, warps=warps, stages=stages, prefetch=prefetch,
+                   fold=fold: ladder_prefill(src, k_cache, v_cache, tables, chunk, prefix + chunk, q.shape[1],
+                                             NUM_KV_HEADS, scale, bm, bn, warps, stages, prefetch, fold, dst), dst)
         for label, page_tma in (("ours (planner), pages of 64", False), ("ours (planner) + TMA, pages of 64", True)):
             plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, use_tma=page_tma)
             record(label, lambda plan=plan: paged_attention(q, k_cache, v_cache, meta, scale, out=flat, plan=plan),

@@ -120,8 +120,9 @@ class DecodeGraphs:
         ratio = num_q_heads // num_kv_heads
         grouped = seq_group[seq_group >= 0]
         largest = int(np.bincount(grouped).max()) if grouped.size else 0
+        # rows as the planner counts them: every sequence's own row set plus the grouped ones' prefix rows
         block_m, block_m_own, block_n, num_warps, num_stages = static_decode_tiles(largest * ratio, ratio, head_dim,
-                                                                                  n * ratio)
+                                                                                  (n + grouped.size) * ratio)
         return dataclasses.replace(self.plan, block_m=block_m, block_m_own=block_m_own, block_n=block_n,
                                    num_warps=num_warps, num_stages=num_stages)
 

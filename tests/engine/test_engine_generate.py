@@ -193,8 +193,9 @@ def test_decode_graph_sizes_follow_max_graph_batch():
     assert DecodeGraphs(model, cache, None, max_size=300, table_width=8, capture=False).sizes[-2:] == [256, 300]
 
 
-@pytest.mark.parametrize("members,ratio", [(16, 7), (4, 2), (1, 4), (256, 1), (256, 4)])
-def test_decode_graph_sizes_take_the_planners_tiles(members, ratio):
+@pytest.mark.parametrize("members,ratio,n", [(16, 7, 768), (4, 2, 768), (1, 4, 768), (256, 1, 768), (256, 4, 768),
+                                             (16, 8, 160), (16, 8, 112), (64, 4, 256)])
+def test_decode_graph_sizes_take_the_planners_tiles(members, ratio, n):
     """Each admitted size's static plan takes the tiles the per-step planner picks for its first step (W-paper's
     groups of 16 x GQA 7 get 128-row prefix tiles, not the 64 every size used to share), over shared buffers."""
     import numpy as np
@@ -205,7 +206,6 @@ def test_decode_graph_sizes_take_the_planners_tiles(members, ratio):
     model = tiny_model("llama", num_kv_heads=2, ratio=ratio, head_dim=64)
     cache = Engine(model, EngineConfig(page_size=4, num_pages=64, attention_backend="triton"))._kv_cache()
     graphs = DecodeGraphs(model, cache, None, max_size=1024, table_width=8, capture=False)
-    n = 768
     seq_group = np.repeat(np.arange(n // members), members) if members > 1 else np.full(n, -1)
     static = graphs._plan_for(n, seq_group)
     per_step = plan_attention(np.arange(n + 1), np.full(n, 5), seq_group, np.full(max(1, n // members), 64),
@@ -214,8 +214,8 @@ def test_decode_graph_sizes_take_the_planners_tiles(members, ratio):
     # prefix tiles floor at 64 rows (row sets of <= 16 rows take the 16-row branch either way)
     assert tiles(static) == (max(64, per_step.block_m),) + tiles(per_step)[1:]
     assert static.items is graphs.plan.items and static.part_out is graphs.plan.part_out  # buffers shared
-    if (members, ratio) == (16, 7):
-        assert static.block_m == 128 and graphs.plan.block_m == 64
+    if (members, ratio) in ((16, 7), (16, 8)):  # 112 / 128 rows per group; 160 x 8 x 2 rows > 2048 in all
+        assert static.block_m == (128 if n * ratio * 2 > 2048 else 64) and graphs.plan.block_m == 64
 
 
 def test_decode_graphs_skip_sizes_that_serve_few_steps():
@@ -251,7 +251,6 @@ def test_decode_graphs_skip_sizes_that_serve_few_steps():
     fake = SimpleNamespace(slots=torch.zeros(3), meta=meta, shape=None)
     graphs.run(*step(3), fake, None, np.array([2, 1, 1]))  # 3 -> size 4, 2 steps: 8 is at most 2 x 3? no
     assert calls == [] and graphs.skipped == 2
-    graphs.min_capture_steps = 6
     meta.own_lens, meta.own_pages, meta.seq_group = torch.ones(5), torch.zeros((5, 1)), torch.full((5,), -1)
     fake.slots = torch.zeros(5)
     graphs.run(*step(5), fake, None, np.array([9, 1, 7, 2, 5]))  # 5 -> size 8 itself (taken)
@@ -449,16 +448,20 @@ def test_decode_graph_static_plan_holds_groups_of_one_at_a_large_gqa_ratio():
     assert int(plan.num_items) == (4 + 1) * 2 * b
 
 
-@pytest.mark.parametrize("tma,static,fused", [(False, False, False), (True, False, False), (True, True, False),
-                                              (None, True, False), (None, False, True), (True, False, True)])
-def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused):
+@pytest.mark.parametrize("tma,static,fused,pad", [(False, False, False, False), (True, False, False, False),
+                                                  (True, True, False, False), (None, True, False, False),
+                                                  (None, False, True, False), (True, False, True, False),
+                                                  (None, True, False, True)])
+def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused, pad):
     """The engine's steps through the real Triton kernel (the CPU interpreter stands in for CUDA), with and
     without TMA key loads (EngineConfig.attention_tma): pages of 64 tokens, prefixes of over two key blocks,
     so prefill and decode both run unmasked blocks; tokens equal HF generate's (fp32). static: decode steps
     through the CUDA-graph path's static plan (allocated with the engine's TMA setting, one program per item
     slot), run eagerly. None (the default) uses TMA in prefill tile configurations only, which these tiny
     steps never reach (tests/kernels has the planner's rule). fused: members' prefill chunks of >= 128 rows
-    read their group's prefix in fused items (the planner's GPU-filling condition lowered to this scale)."""
+    read their group's prefix in fused items (the planner's GPU-filling condition lowered to this scale).
+    pad: once the first decode step took size 8, later steps of 4 sequences pad into it (their own size would
+    serve too few steps), 3 sequences (8 > 2 x 3) run eagerly."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
     from batchllm_hf.kernels import attention_ops, shared_prefix_triton
@@ -480,9 +483,11 @@ def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused)
     monkeypatch.setattr(shared_prefix_triton, "_pool_descriptor", lambda *a: descriptors.append(a[1]) or real(*a))
     model = tiny_model("llama", num_kv_heads=2, ratio=2, head_dim=32)
     prompts = prompt_set(seed=5, groups=((150, 3), (70, 2)), singles=1, suffix=(60, 80))
-    expected = reference(model, prompts, [3] * len(prompts))
-    engine = Engine(model, EngineConfig(page_size=64, num_pages=64, max_batch_tokens=256, attention_backend="triton",
-                                        attention_tma=tma))
+    max_new = [2, 2, 3, 4, 4, 4] if pad else [3] * len(prompts)
+    expected = reference(model, prompts, max_new)
+    # pad: one prefill step, so the first decode-only step holds all 6 sequences
+    engine = Engine(model, EngineConfig(page_size=64, num_pages=64, max_batch_tokens=1024 if pad else 256,
+                                        attention_backend="triton", attention_tma=tma))
     graphs = None
     if static:
         from batchllm_hf.engine.decode_graphs import DecodeGraphs
@@ -491,8 +496,23 @@ def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused)
         cache.attention_tma = tma  # as Engine._runner sets it before it builds the graphs
         graphs = engine.decode_graphs = DecodeGraphs(model, cache, None, max_size=8, table_width=16, capture=False,
                                                      min_capture_steps=0)
-    assert [o.token_ids for o in engine.generate(prompts, greedy(3))] == expected
-    assert bool(descriptors) == (tma is True)
+        sizes = []
+        if pad:  # after the first decode step no size is worth a capture of its own
+            real_run, real_static = graphs.run, graphs._run_static
+
+            def run(*args):
+                out = real_run(*args)
+                graphs.min_capture_steps = 1000
+                return out
+
+            graphs.run = run
+            graphs._run_static = lambda b, step: sizes.append((b, step.meta.own_lens.shape[0])) or real_static(b, step)
+    outputs = engine.generate(prompts, greedy(4), max_new_tokens_per_request=max_new)
+    assert [o.token_ids for o in outputs] == expected
+    if pad:
+        assert sizes == [(8, 8), (8, 8)] and graphs.admitted == {8} and graphs.skipped == 1, (sizes, graphs.skipped)
+    # pad's one prefill step of 640 tokens reaches the prefill tiles, which take TMA by default
+    assert bool(descriptors) == (tma is True or (tma is None and pad))
     assert any(p.has_fused for p in plans) == fused
     assert not static or (graphs.admitted and graphs.plan.use_tma == (tma is True)
                           and graphs.plan.num_programs == graphs.plan.items.shape[0])

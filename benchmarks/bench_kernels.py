@@ -333,9 +333,15 @@ def decode_variants(ceilings) -> list[dict]:
 
 PREFILL_VARIANT_STEPS = [(4, 512, 2048, 4), (4, 512, 8192, 4), (4, 512, 2048, 7),
                          (16, 200, 2000, 7)]  # (members, chunk, prefix, GQA); the last: W-paper-like suffix chunks
-PREFILL_VARIANTS = [  # (name, (block_m, block_n, warps, stages, masked-loop stages or None, TMA, page size[, fuse]))
+PREFILL_VARIANTS = [  # (name, (block_m, block_n, warps, stages, masked-loop stages or None, TMA, page size[, fuse[,
+    #                              page ids prefetched]]))
     # None: the planner's choice (pages of 64: 64 x 64 tiles, 4 warps, 3 stages, TMA, fused items)
     ("planner (engine default)", (None, None, None, None, None, None, VARIANT_PAGE_SIZE)),
+    # each TMA block's page id loaded a block ahead: three TMA buffers instead of two (compile_check.py)
+    ("planner, page ids prefetched", (None, None, None, None, None, None, VARIANT_PAGE_SIZE, True, True)),
+    ("64 x 64, masked 1 stage, TMA, page ids prefetched", (64, 64, 4, 3, 1, True, VARIANT_PAGE_SIZE, True, True)),
+    ("128 x 64, 8 warps, masked 1 stage, TMA, page ids prefetched",
+     (128, 64, 8, 3, 1, True, VARIANT_PAGE_SIZE, True, True)),
     ("128 x 32, 4 warps, 3 stages (pointer loads: the planner at pages of 16)",
      (128, 32, 4, 3, None, False, VARIANT_PAGE_SIZE)),
     ("128 x 32, TMA", (128, 32, 4, 3, None, True, VARIANT_PAGE_SIZE)),
@@ -360,7 +366,8 @@ def prefill_variants(ceilings) -> list[dict]:
     scale = HEAD_DIM ** -0.5
     for members, chunk, prefix, ratio in PREFILL_VARIANT_STEPS:
         steps = {}
-        for name, (bm, bn, warps, stages, masked, tma, page_size, *fuse) in PREFILL_VARIANTS:
+        for name, (bm, bn, warps, stages, masked, tma, page_size, *extra) in PREFILL_VARIANTS:
+            fuse, prefetch = list(extra) + [True, False][len(extra):]  # defaults: fused items, no prefetch
             if page_size not in steps:
                 q, k_cache, v_cache, meta = make_step(1, members, prefix, chunk, chunk, ratio, page_size=page_size)
                 steps[page_size] = (q, k_cache, v_cache, meta, paged_attention_reference(q, k_cache, v_cache, meta,
@@ -368,15 +375,15 @@ def prefill_variants(ceilings) -> list[dict]:
             q, k_cache, v_cache, meta, ref_out = steps[page_size]
             flops = 4 * q.shape[1] * HEAD_DIM * members * chunk * (prefix + (chunk + 1) / 2)
             out = torch.empty_like(q)
-            plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, block_m=bm, fuse=fuse != [False],
-                                        use_tma=tma)
+            plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, block_m=bm, fuse=fuse, use_tma=tma)
             if bm is not None:
                 plan.block_n, plan.num_warps, plan.num_stages, plan.masked_stages = bn, warps, stages, masked
+            plan.prefetch_pages = prefetch
             t, err = _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out)
             rows.append(dict(step=[members, chunk, prefix, ratio], variant=name, time_us=t * 1e6,
                              frac_matmul=flops / t / 1e12 / ceilings["matmul_TFLOPs"], max_err=err,
                              tiles=[plan.block_m, plan.block_m_own, plan.block_n, plan.num_warps, plan.num_stages],
-                             tma=plan.use_tma, fused=plan.has_fused))
+                             tma=plan.use_tma, fused=plan.has_fused, prefetch=prefetch))
             print("  variant", rows[-1], flush=True)
     _print_variant_table("step (members, chunk, P, GQA)", PREFILL_VARIANTS, rows, "frac_matmul")
     return rows

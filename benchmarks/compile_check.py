@@ -33,6 +33,15 @@ instead of 168, and the session-5 leads are in (`has_small`, one large-tile bran
 Fused prefill items (prefix then own KV in one program) add a branch: 84-112 bytes of spills with 128 x 32
 tiles, none with the 64 x 64 tiles the planner now picks for prefill with TMA (147 KB of shared memory).
 On the H200 those changes made decode steps 2-38% and prefill chunks 7-11% faster (before fused items).
+
+Session 7: the prefill configurations' TMA key loops were two buffers deep where three stages were asked
+for. The page-id lookup right before each block's TMA loads takes a pipeline stage: the attention_ceiling
+ladder kernel shows 83 KiB without and 116 KiB with the id loaded a block ahead (the dense kernel at those
+tiles: 116 KiB). `prefetch_pages=True` (plan.prefetch_pages) does that in our kernel: 83 -> 116 KiB at 64 x 64
+with an unpipelined masked loop, 98 -> 132 KiB at 128 x 64 with 8 warps. Registers stay near 255 either way;
+the dense kernel needs 150 at 64 x 64 / 4 warps and 128 x 64 / 8 warps (254 at 128 x 64 / 4 warps). Cutting
+pieces from a scratch copy, our count drops to 173 only without both the masked loop and the split-partial
+stores, so no single piece explains it.
 """
 
 from __future__ import annotations
@@ -97,7 +106,7 @@ def compile_kernel(jit_fn, types: dict, constexprs: dict, num_warps: int = 4, nu
 def attention(head_dim: int, block_m: int, block_m_own: int, block_n: int, num_warps: int, num_stages: int,
               has_wide: bool, dtype: str = "bf16", num_kv_heads: int = 8, masked_stages: int | None = None,
               maxnreg: int | None = None, use_tma: bool = False, has_small: bool = True,
-              grid_stride: bool = False, has_fused: bool = False) -> dict:
+              grid_stride: bool = False, has_fused: bool = False, prefetch_pages: bool = False) -> dict:
     """Compile `_partial_attention_kernel` as the launcher would for this tile configuration."""
     types = {}
     for p in inspect.signature(attention_kernels._partial_attention_kernel.fn).parameters:
@@ -117,7 +126,8 @@ def attention(head_dim: int, block_m: int, block_m_own: int, block_n: int, num_w
                       KV_HEADS_TILE=min(triton.next_power_of_2(num_kv_heads), block_n_wide), HAS_WIDE=has_wide,
                       HAS_SMALL=has_small, HAS_FUSED=has_fused, GRID_STRIDE=grid_stride,
                       PAGE_SIZE=64, NUM_FIELDS=NUM_FIELDS, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                      DOT_DTYPE=_TL[dtype], MASKED_STAGES=masked_stages or num_stages, USE_TMA=use_tma)
+                      DOT_DTYPE=_TL[dtype], MASKED_STAGES=masked_stages or num_stages, USE_TMA=use_tma,
+                      PREFETCH_PAGES=prefetch_pages)
     if not use_tma:
         constexprs.update(k_desc=None, v_desc=None)
     divisible = [p for p in types if p.endswith("_ptr") or p.startswith("stride_")]
@@ -186,6 +196,9 @@ def all_reports() -> list[dict]:
     jobs = [(f"attention {dtype} {config}", lambda c=config, d=dtype: attention(
                 *c, has_wide=False, dtype=d, has_fused=True, use_tma=d != "fp32"))
             for config in planner_families() for dtype in (("bf16", "fp32") if config[0] == 64 else ("bf16",))]
+    # the opt-in page-id prefetch of the TMA key loops (plan.prefetch_pages), at the planner's prefill tiles
+    jobs += [("attention bf16 prefill, page ids prefetched", lambda: attention(
+        128, 64, 64, 64, 4, 3, has_wide=False, has_fused=True, use_tma=True, has_small=False, prefetch_pages=True))]
     jobs += [(f"attention wide {head_dim}", lambda h=head_dim: attention(h, 64, 16, 64 if h <= 128 else 32, 4, 2, True))
              for head_dim in (128, 256)]
     jobs += [(f"fused {dtype}", lambda d=dtype: fused_kernels(d)) for dtype in ("bf16", "fp16", "fp32")]

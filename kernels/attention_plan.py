@@ -94,6 +94,7 @@ class PagedAttentionPlan:
     use_tma: bool = False      # unmasked key blocks through TMA tensor descriptors where the launch allows it
     has_small: bool = True     # the plan may hold 16-row (decode-sized) items (else compiled without them)
     has_fused: bool = False    # the plan holds fused items (prefix + own in one program; per-step plans only)
+    prefetch_pages: bool = False  # TMA key loops load each block's page id one block ahead (opt-in: not yet timed)
 
 
 def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:

@@ -55,6 +55,13 @@ with mbarrier waits. On the H200 they made prefill chunks 6-7% faster and, with 
 tiles, 13-20%; on decode steps they were faster on most but up to 1.7x slower on some (steps of large
 groups with 64-row prefix tiles), so decode keeps pointer loads (session 6's variant tables).
 
+Page ids prefetched (`plan.prefetch_pages`, opt-in, not yet timed on a GPU): compiled for sm_90a, a TMA key
+loop that looks each block's page id up right before its loads keeps two TMA buffers where three stages are
+asked for (the lookup takes a pipeline stage); loading the id one block ahead, as a loop-carried scalar,
+gives the third (64 x 64 prefill tiles with an unpipelined masked loop: 83 -> 116 KiB of shared memory; 128 x
+64 with 8 warps: 98 -> 132 KiB, the dense kernel's own figure). benchmarks/attention_ceiling.py's ladder and
+`bench_kernels.py --prefill-variants` time it.
+
 Compiled branches: a plan made for its step launches one program per item (no grid-stride loop: the loop
 kept each item's state live across iterations, and prefill tiles spilled 744 bytes with it against 32
 without), and the kernel is compiled only with the branches its plan can hold (16-row, wide, fused; the
@@ -119,7 +126,7 @@ def _partial_attention_kernel(
     BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
     HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, GRID_STRIDE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
+    MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
 ):
     # A static plan (CUDA graphs) launches a few programs per SM whatever its capacity: they grid-stride over
     # the items (no idle tail). A plan made for its step launches one program per item, and runs without
@@ -134,7 +141,7 @@ def _partial_attention_kernel(
                       stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
                       qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
                       KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION, DOT_DTYPE,
-                      MASKED_STAGES, USE_TMA)
+                      MASKED_STAGES, USE_TMA, PREFETCH_PAGES)
     else:
         item = tl.program_id(0)
         if item < tl.load(num_items_ptr):
@@ -144,7 +151,7 @@ def _partial_attention_kernel(
                       stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
                       qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
                       KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION, DOT_DTYPE,
-                      MASKED_STAGES, USE_TMA)
+                      MASKED_STAGES, USE_TMA, PREFETCH_PAGES)
 
 
 @triton.jit
@@ -158,7 +165,7 @@ def _run_item(
     BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
     HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
 ):
     fields = items_ptr + item * NUM_FIELDS
     kind = tl.load(fields + 0)
@@ -189,7 +196,7 @@ def _run_item(
                          head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
                          HEAD_DIM, BLOCK_M_OWN, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
                          USE_TMA, True, prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr, prefix_v_ptr,
-                         stride_pkp, stride_pkt, stride_pkh)
+                         stride_pkp, stride_pkt, stride_pkh, PREFETCH_PAGES)
     elif kind >= 4:
         if HAS_WIDE:  # compiled only for plans that hold wide items
             _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr,
@@ -197,7 +204,7 @@ def _run_item(
                          page_stride, token_stride, head_stride, stride_ot, stride_oh, 0, num_q_heads, ratio,
                          num_q_heads, num_kv_heads, qk_scale, HEAD_DIM, BLOCK_M_WIDE, BLOCK_N_WIDE, KV_HEADS_TILE,
                          PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, False, False, prefix_pages_ptr,
-                         stride_prefix_pages, prefix_k_ptr, prefix_v_ptr, stride_pkp, stride_pkt, stride_pkh)
+                         stride_prefix_pages, prefix_k_ptr, prefix_v_ptr, stride_pkp, stride_pkt, stride_pkh, PREFETCH_PAGES)
     elif kind >= 2:
         if HAS_SMALL:  # compiled only for plans that may hold decode-sized row sets
             _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
@@ -205,28 +212,28 @@ def _run_item(
                          head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
                          HEAD_DIM, 16, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, USE_TMA, False,
                          prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr, prefix_v_ptr, stride_pkp, stride_pkt,
-                         stride_pkh)
+                         stride_pkh, PREFETCH_PAGES)
     elif BLOCK_M_PREFIX == BLOCK_M_OWN:
         _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
                      fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
                      head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
                      HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
                      USE_TMA, False, prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr, prefix_v_ptr, stride_pkp,
-                     stride_pkt, stride_pkh)
+                     stride_pkt, stride_pkh, PREFETCH_PAGES)
     elif kind == 1:
         _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
                      fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
                      head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
                      HEAD_DIM, BLOCK_M_PREFIX, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
                      USE_TMA, False, prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr, prefix_v_ptr, stride_pkp,
-                     stride_pkt, stride_pkh)
+                     stride_pkt, stride_pkh, PREFETCH_PAGES)
     else:
         _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
                      fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
                      head_stride, stride_ot, stride_oh, kv_head, ratio, ratio, num_q_heads, num_kv_heads, qk_scale,
                      HEAD_DIM, BLOCK_M_OWN, BLOCK_N, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
                      USE_TMA, False, prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr, prefix_v_ptr, stride_pkp,
-                     stride_pkt, stride_pkh)
+                     stride_pkt, stride_pkh, PREFETCH_PAGES)
 
 
 @triton.jit
@@ -238,7 +245,7 @@ def _attend_tile(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_HEADS_TILE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, MASKED_STAGES: tl.constexpr,
     USE_TMA: tl.constexpr, FUSED: tl.constexpr, prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr, prefix_v_ptr,
-    prefix_page_stride, prefix_token_stride, prefix_head_stride,
+    prefix_page_stride, prefix_token_stride, prefix_head_stride, PREFETCH_PAGES: tl.constexpr,
 ):
     """One tile of rows against one KV range (FUSED: its group's prefix range first, unmasked but for the
     tail, then the own range). Rows: row = token * row_heads + h, query head
@@ -279,19 +286,30 @@ def _attend_tile(
         prefix_full_hi = prefix_lo + (prefix_hi - prefix_lo) // step * step
         if USE_TMA:
             prefix_full_hi = tl.where(prefix_lo % BLOCK_N == 0, prefix_full_hi, prefix_lo)
-        for start in range(prefix_lo, prefix_full_hi, step):
-            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr, prefix_v_ptr,
-                                          prefix_page_stride, prefix_token_stride, prefix_columns, columns,
-                                          column_heads, dims, positions, heads, ratio, num_kv_heads, qk_scale,
-                                          KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, False, k_desc, v_desc,
-                                          kv_head, USE_TMA)
+        if USE_TMA and PREFETCH_PAGES:  # each block's page id loaded one block ahead (see _attend_block)
+            next_page = tl.load(prefix_table + tl.minimum(prefix_lo, tl.maximum(prefix_hi - 1, 0)) // PAGE_SIZE)
+            for start in range(prefix_lo, prefix_full_hi, step):
+                page = next_page
+                next_page = tl.load(prefix_table + tl.minimum(start + step, prefix_hi - 1) // PAGE_SIZE)
+                acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr,
+                                              prefix_v_ptr, prefix_page_stride, prefix_token_stride, prefix_columns,
+                                              columns, column_heads, dims, positions, heads, ratio, num_kv_heads,
+                                              qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, False,
+                                              k_desc, v_desc, kv_head, USE_TMA, page, True)
+        else:
+            for start in range(prefix_lo, prefix_full_hi, step):
+                acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr,
+                                              prefix_v_ptr, prefix_page_stride, prefix_token_stride, prefix_columns,
+                                              columns, column_heads, dims, positions, heads, ratio, num_kv_heads,
+                                              qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, False,
+                                              k_desc, v_desc, kv_head, USE_TMA, 0, False)
         no_limit = positions * 0 + (1 << 30)
         for start in tl.range(prefix_full_hi, prefix_hi, step, num_stages=MASKED_STAGES):
             acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr, prefix_v_ptr,
                                           prefix_page_stride, prefix_token_stride, prefix_columns, columns,
                                           column_heads, dims, no_limit, heads, ratio, num_kv_heads, qk_scale,
                                           KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, True, k_desc, v_desc,
-                                          kv_head, False)
+                                          kv_head, False, 0, False)
     # Key blocks that every row of the tile sees whole (below the causal limit of its first row and below
     # kv_hi) run without masks; the rest (the causal diagonal, the tail, wide items' head mask) with them.
     if KV_HEADS_TILE == 1:
@@ -300,11 +318,21 @@ def _attend_tile(
         full_hi = kv_lo
     if USE_TMA:  # TMA reads whole BLOCK_N-key blocks of one page: the unmasked blocks must start aligned
         full_hi = tl.where(kv_lo % BLOCK_N == 0, full_hi, kv_lo)
-    for start in range(kv_lo, full_hi, step):
-        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride, token_stride,
-                                      column_offset, columns, column_heads, dims, positions, heads, ratio,
-                                      num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
-                                      False, k_desc, v_desc, kv_head, USE_TMA)
+    if USE_TMA and PREFETCH_PAGES:
+        next_page = tl.load(table + tl.minimum(kv_lo, tl.maximum(kv_hi - 1, 0)) // PAGE_SIZE)
+        for start in range(kv_lo, full_hi, step):
+            page = next_page
+            next_page = tl.load(table + tl.minimum(start + step, kv_hi - 1) // PAGE_SIZE)
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride,
+                                          token_stride, column_offset, columns, column_heads, dims, positions, heads,
+                                          ratio, num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION,
+                                          DOT_DTYPE, False, k_desc, v_desc, kv_head, USE_TMA, page, True)
+    else:
+        for start in range(kv_lo, full_hi, step):
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride,
+                                          token_stride, column_offset, columns, column_heads, dims, positions, heads,
+                                          ratio, num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION,
+                                          DOT_DTYPE, False, k_desc, v_desc, kv_head, USE_TMA, 0, False)
     # The masked loop runs the causal diagonal and the tail: a block or two (one in decode), but the whole
     # range for wide items. MASKED_STAGES=1 leaves it unpipelined, which frees its shared-memory buffers
     # (benchmarks/compile_check.py).
@@ -312,7 +340,7 @@ def _attend_tile(
         acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride, token_stride,
                                       column_offset, columns, column_heads, dims, positions, heads, ratio,
                                       num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
-                                      True, k_desc, v_desc, kv_head, False)
+                                      True, k_desc, v_desc, kv_head, False, 0, False)
 
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -333,14 +361,19 @@ def _attend_tile(
 def _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride, token_stride, column_offset,
                   columns, column_heads, dims, positions, heads, ratio, num_kv_heads, qk_scale,
                   KV_HEADS_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr, k_desc, v_desc, kv_head, USE_TMA: tl.constexpr):
+                  DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr, k_desc, v_desc, kv_head, USE_TMA: tl.constexpr,
+                  page, PAGE_GIVEN: tl.constexpr):
     """Online-softmax update of one key block (base-2 exponentials). MASKED=False: every column is a valid
     key that every row sees (no masks on the loads or the scores). USE_TMA (unmasked blocks only): the block
     is BLOCK_N consecutive keys of one page, read through tensor descriptors over the pool viewed as
-    (pages * page_size, Hkv * D)."""
+    (pages * page_size, Hkv * D); its page id is `page` when PAGE_GIVEN (the caller loaded it a block ahead:
+    `plan.prefetch_pages`), else looked up here, right before the loads that need it. Compiled for sm_90a,
+    that dependent lookup left the TMA loop two buffers deep where three stages were asked for, and loading
+    it a block ahead gives the third (benchmarks/attention_ceiling.py's ladder kernel: 83 -> 116 KiB)."""
     keys = start + columns // KV_HEADS_TILE
     if USE_TMA:
-        page = tl.load(table + start // PAGE_SIZE)
+        if not PAGE_GIVEN:
+            page = tl.load(table + start // PAGE_SIZE)
         row = page * PAGE_SIZE + start % PAGE_SIZE
         k = k_desc.load([row, kv_head * q.shape[1]])
         v = v_desc.load([row, kv_head * q.shape[1]])
@@ -509,6 +542,7 @@ def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, pref
         # bf16-rounded operands.
         DOT_DTYPE=_TL_DTYPES[q.dtype] if q.is_cuda else tl.float32,
         MASKED_STAGES=plan.masked_stages or plan.num_stages, USE_TMA=k_desc is not None,
+        PREFETCH_PAGES=plan.prefetch_pages,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if plan.needs_merge:

@@ -34,7 +34,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def run_and_compare(groups, num_q_heads, num_kv_heads, head_dim, dtype, *, page_size=16, decode=False, seed=0,
-                    block_n=None, masked_stages=None, **plan_kwargs):
+                    block_n=None, masked_stages=None, prefetch_pages=False, **plan_kwargs):
     q, k_cache, v_cache, meta = random_paged_step(groups, num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                                                   DEVICE, seed)
     scaling = head_dim ** -0.5
@@ -43,6 +43,7 @@ def run_and_compare(groups, num_q_heads, num_kv_heads, head_dim, dtype, *, page_
     plan.part_lse.fill_(float("nan"))
     plan.block_n = block_n or plan.block_n
     plan.masked_stages = masked_stages or plan.masked_stages
+    plan.prefetch_pages = prefetch_pages
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), device=q.device)
     launcher = shared_prefix_decode if decode else shared_prefix_prefill
@@ -234,24 +235,27 @@ def test_paged_attention_dispatches_to_reference_off_cuda():
 
 @pytest.mark.parametrize("page_size,block_n,chunk", [(64, 64, None), (64, 32, None), (128, 64, 96), (64, 32, 80),
                                                      (16, 32, None)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tma_key_loads(page_size, block_n, chunk, dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,prefetch", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_tma_key_loads(page_size, block_n, chunk, dtype, prefetch, monkeypatch):
     # Unmasked key blocks through tensor descriptors (plan.use_tma): pages of whole blocks; chunks longer
     # than a block that start KV splits off block boundaries (those items must fall back to masked pointer
     # loads: without the alignment guard a TMA block would straddle pages); pages smaller than a block (the
-    # launcher keeps pointer loads). Decode tokens and prefill chunks of several members.
+    # launcher keeps pointer loads). Decode tokens and prefill chunks of several members. prefetch: each
+    # block's page id loaded a block ahead (plan.prefetch_pages), so the last block of an item must not read
+    # a table entry past its range.
     from batchllm_hf.kernels import shared_prefix_triton
 
     used = []
     real = shared_prefix_triton._pool_descriptor
     monkeypatch.setattr(shared_prefix_triton, "_pool_descriptor", lambda *a: used.append(a[1]) or real(*a))
     groups = [(300, [(140, 70), (129, 1), (200, 2)]), (0, [(130, 130)]), (None, [(257, 1)])]
-    run_and_compare(groups, 8, 2, 64, dtype, page_size=page_size, block_n=block_n, chunk=chunk, use_tma=True)
+    run_and_compare(groups, 8, 2, 64, dtype, page_size=page_size, block_n=block_n, chunk=chunk, use_tma=True,
+                    prefetch_pages=prefetch)
     assert bool(used) == (page_size % block_n == 0)
 
 
-@pytest.mark.parametrize("use_tma,page_size", [(False, 16), (True, 64)])
-def test_fused_prefill_items(use_tma, page_size, monkeypatch):
+@pytest.mark.parametrize("use_tma,page_size,prefetch", [(False, 16, False), (True, 64, False), (True, 64, True)])
+def test_fused_prefill_items(use_tma, page_size, prefetch, monkeypatch):
     # Members whose chunk fills large tiles alone (q_len * ratio >= 128 rows) read their group's prefix in
     # their own items (kind 8): prefix (unmasked blocks, then a tail that is not a whole block), then their
     # own KV causally, one partial per row, so those rows write the output directly. Beside them: a member
@@ -264,7 +268,7 @@ def test_fused_prefill_items(use_tma, page_size, monkeypatch):
     monkeypatch.setattr(shared_prefix_triton, "_pool_descriptor", lambda *a: used.append(a[1]) or real(*a))
     groups = [(200, [(70, 40), (150, 33), (9, 5), (30, 1)]), (77, [(64, 64)]), (None, [(50, 40)])]
     fused = run_and_compare(groups, 8, 2, 64, torch.float32, page_size=page_size, block_n=32, use_tma=use_tma,
-                            num_sms=1)
+                            num_sms=1, prefetch_pages=prefetch)
     items = fused.items[: int(fused.num_items)]
     kinds = items[:, 0].tolist()
     assert fused.has_fused and kinds.count(8) > 0 and set(items[items[:, 0] == 8][:, 12].tolist()) == {200, 77}

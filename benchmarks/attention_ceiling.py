@@ -294,8 +294,11 @@ def main() -> None:
             record(name, lambda src=src, dst=dst, bm=bm, bn=bn, warps=warps, stages=stages, prefetch=prefetch,
                    fold=fold: ladder_prefill(src, k_cache, v_cache, tables, chunk, prefix + chunk, q.shape[1],
                                              NUM_KV_HEADS, scale, bm, bn, warps, stages, prefetch, fold, dst), dst)
-        for label, page_tma in (("ours (planner), pages of 64", False), ("ours (planner) + TMA, pages of 64", True)):
+        for label, page_tma, prefetch in (("ours (planner), pages of 64", False, False),
+                                          ("ours (planner) + TMA, pages of 64", True, False),
+                                          ("ours (planner) + TMA, page ids prefetched", True, True)):
             plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, use_tma=page_tma)
+            plan.prefetch_pages = prefetch
             record(label, lambda plan=plan: paged_attention(q, k_cache, v_cache, meta, scale, out=flat, plan=plan),
                    flat)
         del qd, kd, vd, kx, vx, out, flat, expected

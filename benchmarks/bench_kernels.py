@@ -239,14 +239,13 @@ VARIANT_PAGE_SIZE = 64
 DECODE_VARIANTS = [
     ("planner (engine default)", {}),
     ("planner, TMA key loads", {"use_tma": True}),
+    ("planner, TMA key loads, page ids prefetched", {"use_tma": True, "prefetch_pages": True}),
     ("CUDA-graph plan tiles (64-row prefix)", {"block_m": 64, "block_m_own": 16}),
     ("CUDA-graph plan tiles, TMA key loads", {"block_m": 64, "block_m_own": 16, "use_tma": True}),
-    ("session 3 split rule", {"min_chunk_filled": 1 << 30}),
-    # what a mixed (prefill) step gives its decode rows: the step's tile configuration is its prefill chunks'
-    ("a mixed step's tiles (128-row prefix, 32 keys, 3 stages)", {"block_m": 128, "block_n": 32, "num_stages": 3}),
-    ("planner, pages of 16 (the grid's)", {"page_size": 16}),
-    # the engine's CUDA-graph plan itself: a static plan (decode_graphs.py's capacities) launching a few
-    # programs per SM that loop over the items, or one program per item slot (the idle ones exit at once)
+    # (session 5's and 6's tables also timed the session-3 KV-split rule, a mixed step's tiles for decode rows
+    # and pages of 16: benchmarks/results/2026-11-29-session6/variants_after.txt)
+    # the engine's CUDA-graph plan itself: a static plan (decode_graphs.py's capacities), one program per
+    # item slot (the idle ones exit at once)
     ("CUDA-graph static plan (tiles of the step it is first used on)", {"static": None}),
     ("CUDA-graph static plan, 64-row prefix tiles (session 6)", {"static": None, "static_block_m": 64}),
 ]
@@ -322,6 +321,7 @@ def decode_variants(ceilings) -> list[dict]:
             plan.num_stages = change.get("num_stages", plan.num_stages)
             plan.masked_stages = change.get("masked_stages", plan.masked_stages)
             plan.use_tma = change.get("use_tma", False)
+            plan.prefetch_pages = change.get("prefetch_pages", False)
             t, err = _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out)
             rows.append(dict(step=[groups, members, prefix, own, ratio, kv_heads], variant=name, time_us=t * 1e6,
                              frac_copy_bw=must_read / t / 1e9 / ceilings["copy_GBps"], max_err=err,
@@ -344,17 +344,13 @@ PREFILL_VARIANTS = [  # (name, (block_m, block_n, warps, stages, masked-loop sta
      (128, 64, 8, 3, 1, True, VARIANT_PAGE_SIZE, True, True)),
     ("128 x 32, 4 warps, 3 stages (pointer loads: the planner at pages of 16)",
      (128, 32, 4, 3, None, False, VARIANT_PAGE_SIZE)),
-    ("128 x 32, TMA", (128, 32, 4, 3, None, True, VARIANT_PAGE_SIZE)),
-    # session 5's items: each member's rows in the group's shared prefix tiles + own items, merged after
-    ("64 x 64, TMA, not fused", (64, 64, 4, 3, None, True, VARIANT_PAGE_SIZE, False)),
+    # (session 7's table also timed 128 x 32 with TMA, unfused items, 64 x 64 with 2 stages, 128 x 64 with a
+    # pipelined masked loop and the planner at pages of 16: benchmarks/results/2026-11-29-session7/)
     # the masked loop (causal diagonal, tail) unpipelined: 83 KiB of shared memory instead of 148 with fused
     # items (compile_check.py), so two 4-warp programs fit an SM instead of one
     ("64 x 64, 3 stages, masked 1 stage, TMA", (64, 64, 4, 3, 1, True, VARIANT_PAGE_SIZE)),
-    ("64 x 64, 2 stages, masked 1 stage, TMA", (64, 64, 4, 2, 1, True, VARIANT_PAGE_SIZE)),
-    ("128 x 64, 8 warps, 3 stages, TMA", (128, 64, 8, 3, None, True, VARIANT_PAGE_SIZE)),
     ("128 x 64, 8 warps, 3 stages, masked 1 stage, TMA", (128, 64, 8, 3, 1, True, VARIANT_PAGE_SIZE)),
     ("128 x 128, 8 warps, 2 stages, masked 1 stage, TMA", (128, 128, 8, 2, 1, True, 128)),
-    ("planner, pages of 16 (the grid's)", (None, None, None, None, None, None, 16)),
 ]
 
 

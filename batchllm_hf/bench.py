@@ -40,6 +40,9 @@ ABLATIONS = {
     # not ablations: TMA key loads in the attention kernel in every step (default: prefill tiles only), or never
     "batchllm (TMA key loads everywhere)": {"attention_tma": True},
     "batchllm (TMA key loads off)": {"attention_tma": False},
+    # not an ablation: the default again, after the variants before it (the first engine run of a workload had
+    # slower host phases than a variant run after it in session 7; this shows whether order alone does that)
+    "batchllm (default again)": {},
 }
 
 

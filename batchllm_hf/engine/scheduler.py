@@ -172,6 +172,8 @@ class Scheduler:
         return total
 
     def _admit(self) -> None:
+        if not (self.open or self.groups):  # everything admitted (a decode phase): skip the page accounting
+            return
         if self.decode_first and self.groups:
             self.groups.sort(key=lambda g: (-g.decode_ratio(), min(s.index for s in g.members)))
         available = self.allocator.num_free - self._outstanding()

@@ -256,10 +256,7 @@ def _static_plan(meta, q, kv_heads, programs, block_m=None):
     `static_decode_tiles` picks for it (block_m: override the prefix tiles), then filled."""
     from batchllm_hf.kernels.attention_plan import static_decode_tiles
     seqs, ratio = meta.own_lens.shape[0], q.shape[1] // kv_heads
-    group = meta.seq_group.cpu()
-    grouped = int((group >= 0).sum())
-    largest = int(torch.bincount(group[group >= 0]).max()) if grouped else 0
-    tiles = static_decode_tiles(largest * ratio, ratio, HEAD_DIM, (seqs + grouped) * ratio)
+    tiles = static_decode_tiles(meta.seq_group.cpu().numpy(), ratio, HEAD_DIM)
     block_m, block_m_own, block_n, warps, stages = (block_m or tiles[0],) + tiles[1:]
     capacity = (-(-ratio // 16) + -(-ratio // 64)) * kv_heads * seqs + 4096
     buffers = allocate_plan(seqs, capacity, 4 * seqs + 4096, q.shape[1], HEAD_DIM, q.device, block_m=block_m,

@@ -134,13 +134,15 @@ def tile_config(max_prefix_rows: int, max_own_rows: int, head_dim: int,
     return block_m, block_m_own, 64, 4, 2
 
 
-def static_decode_tiles(max_group_rows: int, ratio: int, head_dim: int,
-                        total_rows: int) -> tuple[int, int, int, int, int]:
-    """The tiles of a static (CUDA-graph) decode plan first used on a step whose largest group has
-    `max_group_rows` rows: the per-step planner's, with prefix tiles of at least 64 rows (a later step of
+def static_decode_tiles(seq_group: np.ndarray, ratio: int, head_dim: int) -> tuple[int, int, int, int, int]:
+    """The tiles of a static (CUDA-graph) decode plan first used on a decode step whose sequences are in
+    groups `seq_group` (-1: none): the per-step planner's, rows counted as it counts them (every sequence's
+    own row set plus the grouped ones' prefix rows), with prefix tiles of at least 64 rows (a later step of
     larger groups still shares each prefix tile among 64 rows; row sets of <= 16 rows take 16-row tiles
     anyway)."""
-    return tile_config(max(64, max_group_rows), ratio, head_dim, total_rows)
+    grouped = seq_group[seq_group >= 0]
+    largest = int(np.bincount(grouped).max()) if grouped.size else 0
+    return tile_config(max(64, largest * ratio), ratio, head_dim, (seq_group.shape[0] + grouped.size) * ratio)
 
 
 def wide_tiles(num_q_heads: int, head_dim: int) -> tuple[int, int]:

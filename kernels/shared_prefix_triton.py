@@ -286,23 +286,19 @@ def _attend_tile(
         prefix_full_hi = prefix_lo + (prefix_hi - prefix_lo) // step * step
         if USE_TMA:
             prefix_full_hi = tl.where(prefix_lo % BLOCK_N == 0, prefix_full_hi, prefix_lo)
-        if USE_TMA and PREFETCH_PAGES:  # each block's page id loaded one block ahead (see _attend_block)
+        prefetch: tl.constexpr = USE_TMA and PREFETCH_PAGES  # page ids a block ahead (see _attend_block)
+        if prefetch:
             next_page = tl.load(prefix_table + tl.minimum(prefix_lo, tl.maximum(prefix_hi - 1, 0)) // PAGE_SIZE)
-            for start in range(prefix_lo, prefix_full_hi, step):
+        for start in range(prefix_lo, prefix_full_hi, step):
+            page = 0
+            if prefetch:
                 page = next_page
                 next_page = tl.load(prefix_table + tl.minimum(start + step, prefix_hi - 1) // PAGE_SIZE)
-                acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr,
-                                              prefix_v_ptr, prefix_page_stride, prefix_token_stride, prefix_columns,
-                                              columns, column_heads, dims, positions, heads, ratio, num_kv_heads,
-                                              qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, False,
-                                              k_desc, v_desc, kv_head, USE_TMA, page, True)
-        else:
-            for start in range(prefix_lo, prefix_full_hi, step):
-                acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr,
-                                              prefix_v_ptr, prefix_page_stride, prefix_token_stride, prefix_columns,
-                                              columns, column_heads, dims, positions, heads, ratio, num_kv_heads,
-                                              qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, False,
-                                              k_desc, v_desc, kv_head, USE_TMA, 0, False)
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr, prefix_v_ptr,
+                                          prefix_page_stride, prefix_token_stride, prefix_columns, columns,
+                                          column_heads, dims, positions, heads, ratio, num_kv_heads, qk_scale,
+                                          KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, False, k_desc, v_desc,
+                                          kv_head, USE_TMA, page, prefetch)
         no_limit = positions * 0 + (1 << 30)
         for start in tl.range(prefix_full_hi, prefix_hi, step, num_stages=MASKED_STAGES):
             acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr, prefix_v_ptr,
@@ -318,21 +314,18 @@ def _attend_tile(
         full_hi = kv_lo
     if USE_TMA:  # TMA reads whole BLOCK_N-key blocks of one page: the unmasked blocks must start aligned
         full_hi = tl.where(kv_lo % BLOCK_N == 0, full_hi, kv_lo)
-    if USE_TMA and PREFETCH_PAGES:
-        next_page = tl.load(table + tl.minimum(kv_lo, tl.maximum(kv_hi - 1, 0)) // PAGE_SIZE)
-        for start in range(kv_lo, full_hi, step):
-            page = next_page
-            next_page = tl.load(table + tl.minimum(start + step, kv_hi - 1) // PAGE_SIZE)
-            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride,
-                                          token_stride, column_offset, columns, column_heads, dims, positions, heads,
-                                          ratio, num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION,
-                                          DOT_DTYPE, False, k_desc, v_desc, kv_head, USE_TMA, page, True)
-    else:
-        for start in range(kv_lo, full_hi, step):
-            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride,
-                                          token_stride, column_offset, columns, column_heads, dims, positions, heads,
-                                          ratio, num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION,
-                                          DOT_DTYPE, False, k_desc, v_desc, kv_head, USE_TMA, 0, False)
+    own_prefetch: tl.constexpr = USE_TMA and PREFETCH_PAGES
+    if own_prefetch:
+        next_own_page = tl.load(table + tl.minimum(kv_lo, tl.maximum(kv_hi - 1, 0)) // PAGE_SIZE)
+    for start in range(kv_lo, full_hi, step):
+        page = 0
+        if own_prefetch:
+            page = next_own_page
+            next_own_page = tl.load(table + tl.minimum(start + step, kv_hi - 1) // PAGE_SIZE)
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stride, token_stride,
+                                      column_offset, columns, column_heads, dims, positions, heads, ratio,
+                                      num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
+                                      False, k_desc, v_desc, kv_head, USE_TMA, page, own_prefetch)
     # The masked loop runs the causal diagonal and the tail: a block or two (one in decode), but the whole
     # range for wide items. MASKED_STAGES=1 leaves it unpipelined, which frees its shared-memory buffers
     # (benchmarks/compile_check.py).

@@ -113,16 +113,12 @@ class DecodeGraphs:
                                       self.prefix_pages, self.prefix_lens, self.cache.page_size)
         return Step(self.slots[:b], meta, shape, self.plans.get(b, self.plan))
 
-    def _plan_for(self, n: int, seq_group: np.ndarray):
-        """The static plan of a size first admitted on this step: the shared buffers with the tiles the
-        per-step planner would pick for it (attention_plan.static_decode_tiles)."""
+    def _plan_for(self, seq_group: np.ndarray):
+        """The static plan of a size first admitted on this step (its sequences' groups): the shared buffers
+        with the tiles the per-step planner would pick for it (attention_plan.static_decode_tiles)."""
         num_q_heads, num_kv_heads, head_dim = self.cache.num_heads
-        ratio = num_q_heads // num_kv_heads
-        grouped = seq_group[seq_group >= 0]
-        largest = int(np.bincount(grouped).max()) if grouped.size else 0
-        # rows as the planner counts them: every sequence's own row set plus the grouped ones' prefix rows
-        block_m, block_m_own, block_n, num_warps, num_stages = static_decode_tiles(largest * ratio, ratio, head_dim,
-                                                                                  (n + grouped.size) * ratio)
+        block_m, block_m_own, block_n, num_warps, num_stages = static_decode_tiles(
+            seq_group, num_q_heads // num_kv_heads, head_dim)
         return dataclasses.replace(self.plan, block_m=block_m, block_m_own=block_m_own, block_n=block_n,
                                    num_warps=num_warps, num_stages=num_stages)
 
@@ -174,7 +170,7 @@ class DecodeGraphs:
             else:
                 self.admitted.add(b)
                 if self.plan is not None:
-                    self.plans[b] = self._plan_for(n, host.seq_group)
+                    self.plans[b] = self._plan_for(host.seq_group)
         meta = step.meta
         self.input_ids[:, :n] = input_ids
         self.position_ids[:, :n] = position_ids

@@ -207,7 +207,7 @@ def test_decode_graph_sizes_take_the_planners_tiles(members, ratio, n):
     cache = Engine(model, EngineConfig(page_size=4, num_pages=64, attention_backend="triton"))._kv_cache()
     graphs = DecodeGraphs(model, cache, None, max_size=1024, table_width=8, capture=False)
     seq_group = np.repeat(np.arange(n // members), members) if members > 1 else np.full(n, -1)
-    static = graphs._plan_for(n, seq_group)
+    static = graphs._plan_for(seq_group)
     per_step = plan_attention(np.arange(n + 1), np.full(n, 5), seq_group, np.full(max(1, n // members), 64),
                               *cache.num_heads, torch.device("cpu"), page_size=4)
     tiles = lambda plan: (plan.block_m, plan.block_n, plan.num_warps, plan.num_stages)  # noqa: E731

@@ -94,7 +94,9 @@ class PagedAttentionPlan:
     use_tma: bool = False      # unmasked key blocks through TMA tensor descriptors where the launch allows it
     has_small: bool = True     # the plan may hold 16-row (decode-sized) items (else compiled without them)
     has_fused: bool = False    # the plan holds fused items (prefix + own in one program; per-step plans only)
-    prefetch_pages: bool = False  # TMA key loops load each block's page id one block ahead (opt-in: not yet timed)
+    prefetch_pages: bool = False  # TMA key loops load each block's page id one block ahead (the planner's prefill
+    # default with TMA: a third TMA buffer; session 8, H200: 4 x 512 tokens at P=2048 / 8192 in 179 / 569 us
+    # against 223 / 762 with the lookup before each load; decode steps gained or lost up to 25%, so they keep it off)
 
 
 def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:
@@ -158,7 +160,8 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
                   device: torch.device | str, *, block_m: int = 16, block_m_own: int = 16, block_n: int = 64,
                   block_m_wide: int | None = None, block_n_wide: int | None = None, wide: bool = False,
                   num_warps: int = 4, num_stages: int = 3, num_programs: int | None = None,
-                  masked_stages: int | None = None, use_tma: bool = False) -> PagedAttentionPlan:
+                  masked_stages: int | None = None, use_tma: bool = False,
+                  prefetch_pages: bool = False) -> PagedAttentionPlan:
     """Static buffers for CUDA-graph capture (fill them with `plan_paged_attention(..., buffers=plan)`).
 
     The kernel's grid has one program per item slot (the idle ones exit at once) unless `num_programs` is
@@ -176,7 +179,7 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
         block_m=block_m, block_m_own=block_m_own, block_n=block_n, block_m_wide=block_m_wide or default_m_wide,
         block_n_wide=block_n_wide or default_n_wide, has_wide=wide, num_warps=num_warps, num_stages=num_stages,
         needs_merge=True, num_programs=min(num_programs or max_items, max_items), masked_stages=masked_stages,
-        use_tma=use_tma,
+        use_tma=use_tma, prefetch_pages=prefetch_pages,
     )
 
 
@@ -420,6 +423,11 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                                 wide=bool(run_wide.any() or own_wide.any()),
                                 num_warps=warps, num_stages=stages,
                                 use_tma=use_tma,
+                                # prefill with TMA: page ids one block ahead and a 1-stage masked loop (session 8,
+                                # bench_kernels --prefill-variants: 179 / 569 / 306 / 457 us against 188 / 565 /
+                                # 325 / 486 with 3 masked stages and 223 / 762 / 384 / 568 without the prefetch)
+                                prefetch_pages=bool(use_tma and prefill),
+                                masked_stages=1 if use_tma and prefill else None,
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0
         buffers.has_small = bool(((items[:, 0] == 2) | (items[:, 0] == 3)).any())

@@ -55,12 +55,13 @@ with mbarrier waits. On the H200 they made prefill chunks 6-7% faster and, with 
 tiles, 13-20%; on decode steps they were faster on most but up to 1.7x slower on some (steps of large
 groups with 64-row prefix tiles), so decode keeps pointer loads (session 6's variant tables).
 
-Page ids prefetched (`plan.prefetch_pages`, opt-in, not yet timed on a GPU): compiled for sm_90a, a TMA key
-loop that looks each block's page id up right before its loads keeps two TMA buffers where three stages are
-asked for (the lookup takes a pipeline stage); loading the id one block ahead, as a loop-carried scalar,
-gives the third (64 x 64 prefill tiles with an unpipelined masked loop: 83 -> 116 KiB of shared memory; 128 x
-64 with 8 warps: 98 -> 132 KiB, the dense kernel's own figure). benchmarks/attention_ceiling.py's ladder and
-`bench_kernels.py --prefill-variants` time it.
+Page ids prefetched (`plan.prefetch_pages`; the planner's default for prefill steps with TMA): compiled for
+sm_90a, a TMA key loop that looks each block's page id up right before its loads keeps two TMA buffers where
+three stages are asked for (the lookup takes a pipeline stage); loading the id one block ahead, as a
+loop-carried scalar, gives the third (64 x 64 prefill tiles with an unpipelined masked loop: 83 -> 116 KiB of
+shared memory; 128 x 64 with 8 warps: 98 -> 132 KiB, the dense kernel's own figure). On the H200 (session 8,
+`bench_kernels.py --prefill-variants`) prefill chunks went from 44-47% to 54-64% of the matmul rate; decode
+steps moved by -25% to +8%, so decode plans leave it off.
 
 Compiled branches: a plan made for its step launches one program per item (no grid-stride loop: the loop
 kept each item's state live across iterations, and prefill tiles spilled 744 bytes with it against 32

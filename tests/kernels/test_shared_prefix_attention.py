@@ -34,7 +34,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def run_and_compare(groups, num_q_heads, num_kv_heads, head_dim, dtype, *, page_size=16, decode=False, seed=0,
-                    block_n=None, masked_stages=None, prefetch_pages=False, **plan_kwargs):
+                    block_n=None, masked_stages=None, prefetch_pages=None, **plan_kwargs):
     q, k_cache, v_cache, meta = random_paged_step(groups, num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                                                   DEVICE, seed)
     scaling = head_dim ** -0.5
@@ -43,7 +43,7 @@ def run_and_compare(groups, num_q_heads, num_kv_heads, head_dim, dtype, *, page_
     plan.part_lse.fill_(float("nan"))
     plan.block_n = block_n or plan.block_n
     plan.masked_stages = masked_stages or plan.masked_stages
-    plan.prefetch_pages = prefetch_pages
+    plan.prefetch_pages = plan.prefetch_pages if prefetch_pages is None else prefetch_pages  # None: the planner's
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), device=q.device)
     launcher = shared_prefix_decode if decode else shared_prefix_prefill
@@ -285,8 +285,9 @@ def test_fused_prefill_items(use_tma, page_size, prefetch, monkeypatch):
 
 
 def test_planner_default_tma_and_compiled_branches():
-    # use_tma=None (the default): TMA key loads, with 64 x 64 tiles, for prefill steps whose pages hold whole
-    # 64-key blocks (measured faster on every prefill chunk; slower on some decode steps); pages of 16 keep
+    # use_tma=None (the default): TMA key loads, with 64 x 64 tiles, page ids loaded a block ahead and a
+    # 1-stage masked loop, for prefill steps whose pages hold whole 64-key blocks (measured faster on every
+    # prefill chunk; slower on some decode steps); pages of 16 keep
     # pointer loads and 128-row tiles. has_small / has_fused: the kernel branches a plan needs compiled (a
     # step of long prefill chunks alone is compiled without the 16-row branch; with decode rows, with it).
     from batchllm_hf.kernels.attention_plan import plan_attention
@@ -300,6 +301,7 @@ def test_planner_default_tma_and_compiled_branches():
     chunks = ([512] * 4, [512] * 4)  # 4 chunks of 512 tokens, GQA 4: 8192 rows
     prefill = plan(*chunks)
     assert (prefill.block_m_own, prefill.block_n, prefill.use_tma, prefill.has_small) == (64, 64, True, False)
+    assert (prefill.prefetch_pages, prefill.masked_stages) == (True, 1)  # page ids a block ahead: 3 TMA buffers
     assert prefill.has_fused  # every member's chunk has 2048 rows
     # fused only where the chunk rule would not split the prefix: a step that fills the GPU (here a fair
     # share of the work is over 8192 keys, so that prefix stays whole fused or not); one member alone is
@@ -308,13 +310,14 @@ def test_planner_default_tma_and_compiled_branches():
     alone = plan([512], [512], prefix=8192)
     assert not alone.has_fused and int(alone.items[: int(alone.num_items)][:, 5].max()) > 0
     pointer = plan(*chunks, page_size=16)
-    assert (pointer.block_m_own, pointer.block_n, pointer.use_tma) == (128, 32, False)
+    assert (pointer.block_m_own, pointer.block_n, pointer.use_tma, pointer.prefetch_pages) == (128, 32, False, False)
     mixed = plan([512] * 4 + [1] * 8, [512] * 4 + [40] * 8)
     assert (mixed.use_tma, mixed.has_small) == (True, True)
     decode = plan([1] * 64, [40] * 64)
     assert (decode.block_m_own, decode.use_tma, decode.has_small, decode.has_fused) == (16, False, True, False)
-    assert plan(*chunks, use_tma=False).use_tma is False
-    assert plan([1] * 64, [40] * 64, use_tma=True).use_tma is True
+    assert not plan(*chunks, use_tma=False).use_tma and not plan(*chunks, use_tma=False).prefetch_pages
+    forced = plan([1] * 64, [40] * 64, use_tma=True)  # decode with TMA: no prefetch (measured -25% to +8%)
+    assert (forced.use_tma, forced.prefetch_pages, forced.masked_stages) == (True, False, None)
     with pytest.raises(ValueError, match="16-row"):  # a prefill plan's kernel has no 16-row branch to reuse
         plan([1] * 64, [40] * 64, buffers=prefill)
 

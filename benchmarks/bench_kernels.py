@@ -332,22 +332,23 @@ PREFILL_VARIANT_STEPS = [(4, 512, 2048, 4), (4, 512, 8192, 4), (4, 512, 2048, 7)
                          (16, 200, 2000, 7)]  # (members, chunk, prefix, GQA); the last: W-paper-like suffix chunks
 PREFILL_VARIANTS = [  # (name, (block_m, block_n, warps, stages, masked-loop stages or None, TMA, page size[, fuse[,
     #                              page ids prefetched]]))
-    # None: the planner's choice (pages of 64: 64 x 64 tiles, 4 warps, 3 stages, TMA, fused items)
+    # None: the planner's choice (pages of 64: 64 x 64 tiles, 4 warps, 3 stages, TMA, fused items, each TMA
+    # block's page id loaded a block ahead, masked loop 1 stage: session 8)
     ("planner (engine default)", (None, None, None, None, None, None, VARIANT_PAGE_SIZE)),
-    # each TMA block's page id loaded a block ahead: three TMA buffers instead of two (compile_check.py)
-    ("planner, page ids prefetched", (None, None, None, None, None, None, VARIANT_PAGE_SIZE, True, True)),
-    ("64 x 64, masked 1 stage, TMA, page ids prefetched", (64, 64, 4, 3, 1, True, VARIANT_PAGE_SIZE, True, True)),
+    ("session 7's planner: page id before each block's loads, 3 masked stages",
+     (64, 64, 4, 3, None, True, VARIANT_PAGE_SIZE, True, False)),
+    ("64 x 64, 3 masked stages, page ids prefetched", (64, 64, 4, 3, None, True, VARIANT_PAGE_SIZE, True, True)),
     ("128 x 64, 8 warps, masked 1 stage, TMA, page ids prefetched",
      (128, 64, 8, 3, 1, True, VARIANT_PAGE_SIZE, True, True)),
     ("128 x 32, 4 warps, 3 stages (pointer loads: the planner at pages of 16)",
      (128, 32, 4, 3, None, False, VARIANT_PAGE_SIZE)),
-    # (session 7's table also timed 128 x 32 with TMA, unfused items, 64 x 64 with 2 stages, 128 x 64 with a
-    # pipelined masked loop and the planner at pages of 16: benchmarks/results/2026-11-29-session7/)
-    # the masked loop (causal diagonal, tail) unpipelined: 83 KiB of shared memory instead of 148 with fused
-    # items (compile_check.py), so two 4-warp programs fit an SM instead of one
-    ("64 x 64, 3 stages, masked 1 stage, TMA", (64, 64, 4, 3, 1, True, VARIANT_PAGE_SIZE)),
-    ("128 x 64, 8 warps, 3 stages, masked 1 stage, TMA", (128, 64, 8, 3, 1, True, VARIANT_PAGE_SIZE)),
-    ("128 x 128, 8 warps, 2 stages, masked 1 stage, TMA", (128, 128, 8, 2, 1, True, 128)),
+    ("128 x 128, 8 warps, 2 stages, masked 1 stage, TMA, page ids prefetched",
+     (128, 128, 8, 2, 1, True, 128, True, True)),
+    # the dense kernel's best tiles (62-74%, attention_ceiling.py); 225 KiB of shared memory, 40 bytes spilled
+    ("128 x 128, 8 warps, 3 stages, masked 1 stage, TMA, page ids prefetched",
+     (128, 128, 8, 3, 1, True, 128, True, True)),
+    # (sessions 7-8 also timed 128 x 32 with TMA, unfused items, 64 x 64 with 2 stages, the planner at pages
+    # of 16, and 128 x 64 / 128 x 128 without the prefetch: benchmarks/results/2026-11-29-session{7,8}/)
 ]
 
 
@@ -360,7 +361,7 @@ def prefill_variants(ceilings) -> list[dict]:
     for members, chunk, prefix, ratio in PREFILL_VARIANT_STEPS:
         steps = {}
         for name, (bm, bn, warps, stages, masked, tma, page_size, *extra) in PREFILL_VARIANTS:
-            fuse, prefetch = list(extra) + [True, False][len(extra):]  # defaults: fused items, no prefetch
+            fuse, prefetch = list(extra) + [True, None][len(extra):]  # defaults: fused items, the planner's prefetch
             if page_size not in steps:
                 q, k_cache, v_cache, meta = make_step(1, members, prefix, chunk, chunk, ratio, page_size=page_size)
                 steps[page_size] = (q, k_cache, v_cache, meta, paged_attention_reference(q, k_cache, v_cache, meta,
@@ -371,12 +372,13 @@ def prefill_variants(ceilings) -> list[dict]:
             plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, block_m=bm, fuse=fuse, use_tma=tma)
             if bm is not None:
                 plan.block_n, plan.num_warps, plan.num_stages, plan.masked_stages = bn, warps, stages, masked
-            plan.prefetch_pages = prefetch
+            plan.prefetch_pages = plan.prefetch_pages if prefetch is None else prefetch
             t, err = _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out)
             rows.append(dict(step=[members, chunk, prefix, ratio], variant=name, time_us=t * 1e6,
                              frac_matmul=flops / t / 1e12 / ceilings["matmul_TFLOPs"], max_err=err,
                              tiles=[plan.block_m, plan.block_m_own, plan.block_n, plan.num_warps, plan.num_stages],
-                             tma=plan.use_tma, fused=plan.has_fused, prefetch=prefetch))
+                             tma=plan.use_tma, fused=plan.has_fused, prefetch=plan.prefetch_pages,
+                             masked_stages=plan.masked_stages))
             print("  variant", rows[-1], flush=True)
     _print_variant_table("step (members, chunk, P, GQA)", PREFILL_VARIANTS, rows, "frac_matmul")
     return rows

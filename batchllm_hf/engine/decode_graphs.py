@@ -16,6 +16,12 @@ host time, which a few replays do not pay back): the tail of a job, where the ba
 pads into a size already captured while that is at most twice the batch, and runs eagerly below that,
 instead of capturing a graph per step.
 
+A batch of more than 256 sequences whose size will not change for EXACT_SIZE_STEPS steps (no running
+sequence expects to finish sooner) gets a graph of its own size, rounded up to a multiple of 16, instead of
+the next multiple of 64: such a step is matmul-bound, so padding costs its share (W-paper's 800 sequences
+ran at 832, about 4% more matmul work, and cuBLAS picks its kernels by size). One such size per 64-wide
+bucket: a later batch in the same bucket pads into it or into the bucket's own size.
+
 Safety net: the first replay of each size is checked against the eager warm-up forward that precedes
 the capture (same buffers, same inputs); a mismatch, or any error while capturing, turns graphs off for
 this engine (with a warning) and the step runs eagerly.
@@ -39,6 +45,8 @@ from ..kernels import allocate_plan
 
 
 MIN_CAPTURE_STEPS = 6
+EXACT_SIZE_STEPS = 12  # a batch above 256 that stays the same this many steps gets a graph of its own size
+_EXACT_MULTIPLE = 16
 _POWER_SIZES_UP_TO = 256
 _SIZE_STEP = 64
 
@@ -55,6 +63,7 @@ class DecodeGraphs:
                  min_capture_steps: int | None = None):
         self.model, self.cache, self.forward = model, cache, forward
         self.sizes = graph_sizes(max_size)
+        self.base_sizes = tuple(self.sizes)  # without the exact sizes added on the way (_exact_size)
         self.min_capture_steps = MIN_CAPTURE_STEPS if min_capture_steps is None else min_capture_steps
         self.admitted: set[int] = set()  # sizes that run on the static path (captured when capture=True)
         self.skipped = 0  # decode steps that ran eagerly because their size would serve too few steps
@@ -149,6 +158,17 @@ class DecodeGraphs:
         lower = max((s for s in self.sizes if s < b), default=0)
         return int(np.partition(remaining, n - 1 - lower)[n - 1 - lower])
 
+    def _exact_size(self, n: int, b: int, remaining: np.ndarray) -> int:
+        """n rounded up to a multiple of 16, added to the sizes, when a batch of n > 256 sequences stays n for
+        EXACT_SIZE_STEPS steps and its 64-wide bucket has no size taken yet; else b."""
+        exact = -(-n // _EXACT_MULTIPLE) * _EXACT_MULTIPLE
+        lower = max((s for s in self.base_sizes if s < b), default=0)
+        if (n <= _POWER_SIZES_UP_TO or exact >= b or int(remaining.min()) < EXACT_SIZE_STEPS
+                or any(lower < s <= b for s in self.admitted)):
+            return b
+        self.sizes = sorted(set(self.sizes) | {exact})
+        return exact
+
     def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: Step, host,
             remaining: np.ndarray | None = None) -> torch.Tensor | None:
         """Logits (n, V) of a decode-only step, or None when this step must run eagerly. `host`: the step's
@@ -156,6 +176,8 @@ class DecodeGraphs:
         `remaining`: each sequence's expected tokens still to come (None: always use the graphs)."""
         n = input_ids.shape[1]
         b = self.size_for(n)
+        if b not in self.admitted and remaining is not None:
+            b = self._exact_size(n, b, remaining)
         if b not in self.admitted:
             if remaining is not None and self.expected_steps(n, remaining) < self.min_capture_steps:
                 # too few steps to pay for a capture of its own: pad into a larger size already taken, if

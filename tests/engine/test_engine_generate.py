@@ -262,6 +262,41 @@ def test_decode_graphs_skip_sizes_that_serve_few_steps():
         EngineConfig(max_graph_batch=0)
 
 
+def test_decode_graphs_take_exact_sizes_for_steady_large_batches():
+    # A batch of more than 256 that no running sequence expects to leave for EXACT_SIZE_STEPS steps runs at
+    # its own size (rounded up to 16), not at the next multiple of 64: W-paper's 800 at 800, not 832. One per
+    # 64-wide bucket; small batches, and batches about to shrink, keep the standard sizes.
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from batchllm_hf.engine.decode_graphs import EXACT_SIZE_STEPS, DecodeGraphs
+
+    model = tiny_model("llama")
+    cache = Engine(model, EngineConfig(page_size=4, num_pages=64))._kv_cache()
+    graphs = DecodeGraphs(model, cache, None, max_size=1024, table_width=8, capture=False, min_capture_steps=6)
+    calls = []
+    graphs._run_static = lambda b, step: calls.append(b) or torch.zeros(b, 2)
+    graphs._reset_padding = lambda lo, hi: None
+
+    def run(n, remaining):
+        meta = SimpleNamespace(own_lens=torch.ones(n), own_pages=torch.zeros((n, 1)), seq_group=torch.full((n,), -1),
+                               prefix_pages=torch.zeros((1, 1)), prefix_lens=torch.zeros(1))
+        ids = torch.zeros((1, n), dtype=torch.long)
+        remaining = np.full(n, remaining) if np.isscalar(remaining) else remaining
+        graphs.run(ids, ids, SimpleNamespace(slots=torch.zeros(n), meta=meta, shape=None), None,
+                   None if graphs.admitted_size(n) else remaining)  # as the runner passes it
+        return calls[-1]
+
+    assert run(800, EXACT_SIZE_STEPS) == 800 and graphs.admitted == {800} and 800 in graphs.sizes
+    assert run(790, 3) == 800  # a shrinking batch pads into it
+    assert run(810, 90) == 832  # its bucket (768, 832] already has a size taken: the bucket's own
+    steps = np.concatenate([np.full(1, EXACT_SIZE_STEPS - 1), np.full(649, 90)])
+    assert run(650, steps) == 704  # one sequence leaves before EXACT_SIZE_STEPS: the standard size
+    assert run(300, 90) == 304 and run(200, 90) == 256  # above 256 only (powers of two below)
+    assert graphs.admitted == {800, 832, 704, 304, 256} and graphs.skipped == 0
+
+
 def sampled(max_new_tokens, **kwargs):
     from transformers import GenerationConfig
 

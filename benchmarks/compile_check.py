@@ -196,7 +196,7 @@ def all_reports() -> list[dict]:
     jobs = [(f"attention {dtype} {config}", lambda c=config, d=dtype: attention(
                 *c, has_wide=False, dtype=d, has_fused=True, use_tma=d != "fp32"))
             for config in planner_families() for dtype in (("bf16", "fp32") if config[0] == 64 else ("bf16",))]
-    # the opt-in page-id prefetch of the TMA key loops (plan.prefetch_pages), at the planner's prefill tiles
+    # the page-id prefetch of the TMA key loops (plan.prefetch_pages; the planner's prefill default), at its tiles
     jobs += [("attention bf16 prefill, page ids prefetched", lambda: attention(
         128, 64, 64, 64, 4, 3, has_wide=False, has_fused=True, use_tma=True, has_small=False, prefetch_pages=True))]
     jobs += [(f"attention wide {head_dim}", lambda h=head_dim: attention(h, 64, 16, 64 if h <= 128 else 32, 4, 2, True))

@@ -25,8 +25,8 @@ class EngineConfig:
     min_prefix_len:      shortest prefix worth a group (tokens); None = one page.
     cuda_graphs:         capture decode-only steps as CUDA graphs (ignored on CPU).
     max_graph_batch:     the largest decode step (sequences) run as a CUDA graph; sizes 1, 2, 4, ..., 256, then
-                         multiples of 64 up to it (a step pads to the next size); larger decode steps run
-                         eagerly. A size is captured once it will serve at least a few steps
+                         multiples of 64 up to it (a step pads to the next size; a steady batch above 256
+                         takes its own size, rounded up to 16); larger decode steps run eagerly. A size is captured once it will serve at least a few steps
                          (decode_graphs.py). Each captured size keeps its logits (a size of 1024 holds 256 MB of
                          bf16 logits for a 128k vocabulary; all 21 sizes up to 1024, if every one were captured,
                          2.2 GB); lower it on a GPU with little memory left beside the KV pool.

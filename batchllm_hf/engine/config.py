@@ -29,7 +29,7 @@ class EngineConfig:
                          takes its own size, rounded up to 16); larger decode steps run eagerly. A size is captured once it will serve at least a few steps
                          (decode_graphs.py). Each captured size keeps its logits (a size of 1024 holds 256 MB of
                          bf16 logits for a 128k vocabulary; all 21 sizes up to 1024, if every one were captured,
-                         2.2 GB); lower it on a GPU with little memory left beside the KV pool.
+                         2.2 GB; the steady-batch sizes add at most one per 64-wide bucket); lower it on a GPU with little memory left beside the KV pool.
     attention_backend:   "triton", "sdpa" or "reference" (kv_pool.PagedCache); None picks the fastest here.
     overlap_steps:       launch step N+1 before reading step N's tokens back (same outputs; off: one step at
                          a time, the host idle while the device runs and the other way round).

@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import os
+import sys
 import time
 
 import torch
@@ -108,15 +109,62 @@ def _thin(points, limit):
     return [list(p) for p in points[::step]]
 
 
+def _compiled_kernels() -> int | None:
+    """Triton kernel variants compiled so far in this process for the package's kernels (None: this Triton
+    keeps its cache elsewhere). A timed run that compiles was not warmed up for what it ran."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return None
+    total, found = 0, False
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("batchllm_hf.kernels") or module is None:
+            continue
+        for obj in list(vars(module).values()):
+            caches = getattr(obj, "device_caches", None) if isinstance(obj, JITFunction) else None
+            if isinstance(caches, dict):
+                found = True
+                total += sum(len(c[0]) for c in caches.values() if isinstance(c, tuple) and isinstance(c[0], dict))
+    return total if found else None
+
+
+class _HostProbe:
+    """What a timed run spent on the host besides its own work: Python garbage collections (count and
+    seconds) and Triton compilations. Session 7-8: the first timed engine run of a workload had slower host
+    phases than the same configuration run later, after a full warm-up each; this records two suspects."""
+
+    def __enter__(self):
+        self.collections, self.gc_seconds, self._start = 0, 0.0, None
+        self.compiled = _compiled_kernels()
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def _on_gc(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.collections += 1
+            self.gc_seconds += time.perf_counter() - self._start
+            self._start = None
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._on_gc)
+        after = _compiled_kernels()
+        self.report = {"gc_collections": self.collections, "gc_seconds": round(self.gc_seconds, 4),
+                       "triton_compiles": None if after is None or self.compiled is None else after - self.compiled}
+        return False
+
+
 def _timed(device, fn):
     _free(device)
     _sync(device)
-    start = time.perf_counter()
-    out_tokens, extra = fn()
-    _sync(device)
-    seconds = time.perf_counter() - start
+    with _HostProbe() as probe:
+        start = time.perf_counter()
+        out_tokens, extra = fn()
+        _sync(device)
+        seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    return seconds, out_tokens, peak, extra
+    return seconds, out_tokens, peak, {**extra, "host_probe": probe.report}
 
 
 def bench_workload(w, args, ceilings, device, log, all_results):
@@ -176,7 +224,7 @@ def bench_workload(w, args, ceilings, device, log, all_results):
             "x_lower_bound": seconds / bound["lower_bound_s"], "peak_gpu_gib": peak, **extra}
         write_reports(all_results, ceilings, args.out)  # after each run: partial results survive a time limit
         log(f"{w.name} {name}: {seconds:.2f} s, {out_tokens / seconds:,.0f} out tok/s, "
-            f"{seconds / bound['lower_bound_s']:.1f}x bound, peak {peak} GiB")
+            f"{seconds / bound['lower_bound_s']:.1f}x bound, peak {peak} GiB, host probe {extra['host_probe']}")
     del model
     _free(device)
 

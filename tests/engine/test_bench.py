@@ -24,6 +24,34 @@ def test_bench_dry_run_writes_reports(tmp_path):
     assert ours["output_tokens"] == 3 * 4 * 4 and ours["physical_prompt_tokens"] < ours["logical_prompt_tokens"]
     assert ours["kv_timeline"] and runs["batchllm (clustering off)"]["groups"] == 0
     assert "| W-1B | batchllm |" in (tmp_path / "results.md").read_text()
+    assert all(set(r["host_probe"]) == {"gc_collections", "gc_seconds", "triton_compiles"} for r in runs.values())
+
+
+def test_host_probe_counts_collections_and_compiles(monkeypatch):
+    # The bench's per-run host probe: garbage collections inside the timed block, and Triton kernel variants
+    # compiled for the package's kernels (the entries of each JITFunction's per-device kernel cache).
+    import gc
+    import sys
+    import types
+
+    pytest = __import__("pytest")
+    jit = pytest.importorskip("triton.runtime.jit")
+    from batchllm_hf.bench import _compiled_kernels, _HostProbe
+
+    fake = types.ModuleType("batchllm_hf.kernels._probe_fake")
+    kernel = object.__new__(jit.JITFunction)
+    kernel.device_caches = {0: ({"variant a": 1, "variant b": 2}, {}, None, None, None)}
+    fake.kernel = kernel
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    base = _compiled_kernels()
+    assert base is not None and base >= 2
+    with _HostProbe() as probe:
+        gc.collect()
+        gc.collect()
+        kernel.device_caches[0][0]["variant c"] = 3  # a compile during the timed run
+    assert probe.report["gc_collections"] >= 2 and probe.report["gc_seconds"] >= 0
+    assert probe.report["triton_compiles"] == 1
+    assert _HostProbe._on_gc not in gc.callbacks and all(getattr(c, "__self__", None) is not probe for c in gc.callbacks)
 
 
 def test_workload_prompts_and_roofline():

@@ -43,6 +43,9 @@ ABLATIONS = {
     "batchllm (TMA key loads off)": {"attention_tma": False},
     # not an ablation: the default again, after the variants before it (the first engine run of a workload had
     # slower host phases than a variant run after it in session 7; this shows whether order alone does that)
+    # not an ablation: the shrinking tail pads into a captured graph size up to 32x its batch instead of 2x
+    # (W-paper's last 12 steps ran eagerly at 25 ms in one run and 40-53 ms in others; padded, they replay)
+    "batchllm (tail padding 32x)": {"graph_tail_padding": 32.0},
     "batchllm (default again)": {},
 }
 

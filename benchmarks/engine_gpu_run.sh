@@ -1,8 +1,9 @@
 #!/bin/bash
 # One device call (about 9.5 minutes on an H200): the engine's GPU sanity check (fp32 tokens vs HF generate,
 # bf16 agreement; every graph size captured; its bf16 part needs more than 100 s), then the headline bench
-# with HF generate side by side, the engine without TMA key loads (default: prefill tiles) as a variant, and
-# the default engine again after it (session 7: the first engine run of a workload had slower host phases).
+# with HF generate side by side, the engine with the shrinking tail padded into graphs up to 32x its batch
+# (EngineConfig.graph_tail_padding) as a variant, and the default engine again after it (sessions 5-8: the
+# first engine run of a workload had slower host phases; each run's host probe is in the log).
 # Its limits leave no time for W-noshare's HF baseline: run `--workloads W-noshare` alone in another call.
 # Usage (repo root): OUT=dir bash benchmarks/engine_gpu_run.sh   (SKIP_CHECK=1: the bench only)
 export PYTHONUNBUFFERED=1
@@ -13,4 +14,4 @@ python -c "import torch, transformers, triton; print(torch.__version__, transfor
 [ -n "$SKIP_CHECK" ] || timeout 120 python benchmarks/engine_gpu_check.py 2>&1 | grep -v Warning | tee $OUT/gpu_check.txt
 # from $PKG: `python -m` puts the working directory first on sys.path, where batchllm_hf has no kernels/
 (cd $PKG && timeout 465 python -m batchllm_hf.cli bench --workloads W-paper,W-8B,W-1B,W-noshare --skip-generate-batch \
-    --ablations "TMA key loads off,default again" --out $OUT 2>&1 | grep -v Warning | tail -20)
+    --ablations "tail padding 32x,default again" --out $OUT 2>&1 | grep -v Warning | tail -20)

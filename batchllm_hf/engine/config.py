@@ -26,10 +26,17 @@ class EngineConfig:
     cuda_graphs:         capture decode-only steps as CUDA graphs (ignored on CPU).
     max_graph_batch:     the largest decode step (sequences) run as a CUDA graph; sizes 1, 2, 4, ..., 256, then
                          multiples of 64 up to it (a step pads to the next size; a steady batch above 256
-                         takes its own size, rounded up to 16); larger decode steps run eagerly. A size is captured once it will serve at least a few steps
-                         (decode_graphs.py). Each captured size keeps its logits (a size of 1024 holds 256 MB of
-                         bf16 logits for a 128k vocabulary; all 21 sizes up to 1024, if every one were captured,
-                         2.2 GB; the steady-batch sizes add at most one per 64-wide bucket); lower it on a GPU with little memory left beside the KV pool.
+                         takes its own size, rounded up to 16); larger decode steps run eagerly. A size is
+                         captured once it will serve at least a few steps (decode_graphs.py). Each captured
+                         size keeps its logits (a size of 1024 holds 256 MB of bf16 logits for a 128k
+                         vocabulary; all 21 sizes up to 1024, if every one were captured, 2.2 GB; the
+                         steady-batch sizes add at most one per 64-wide bucket); lower it on a GPU with little
+                         memory left beside the KV pool.
+    graph_tail_padding:  a decode step whose own size would serve too few steps to capture (the shrinking tail
+                         of a job) pads into a captured larger size while that is at most this many times the
+                         step's sequences, else runs eagerly (default 2). An eager step of a 7B model is
+                         bound by the host's launches (W-paper: 25 ms, 40-53 ms in slower runs), so padding
+                         further can pay; larger models' padded steps cost more device time.
     attention_backend:   "triton", "sdpa" or "reference" (kv_pool.PagedCache); None picks the fastest here.
     overlap_steps:       launch step N+1 before reading step N's tokens back (same outputs; off: one step at
                          a time, the host idle while the device runs and the other way round).
@@ -54,6 +61,7 @@ class EngineConfig:
     min_prefix_len: int | None = None
     cuda_graphs: bool = True
     max_graph_batch: int = 1024
+    graph_tail_padding: float = 2.0
     attention_backend: str | None = None
     overlap_steps: bool = True
     fused_ops: bool = True
@@ -78,6 +86,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1 or None, got {self.max_num_seqs}.")
         if self.max_graph_batch < 1:
             raise ValueError(f"max_graph_batch must be >= 1, got {self.max_graph_batch}.")
+        if self.graph_tail_padding < 1.0:
+            raise ValueError(f"graph_tail_padding must be >= 1, got {self.graph_tail_padding}.")
         if self.attention_backend not in (None, "triton", "sdpa", "reference"):
             raise ValueError(f"attention_backend must be None, 'triton', 'sdpa' or 'reference', got "
                              f"{self.attention_backend!r}.")

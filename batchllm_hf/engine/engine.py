@@ -100,7 +100,8 @@ class Engine:
             max_size = min(self.config.max_graph_batch, self.config.max_batch_tokens)
             width = min(cache.num_pages, self.model.config.get_text_config().max_position_embeddings
                         // cache.page_size + 1)
-            self.decode_graphs = DecodeGraphs(self.model, cache, runner.forward, max_size, width, capture=True)
+            self.decode_graphs = DecodeGraphs(self.model, cache, runner.forward, max_size, width, capture=True,
+                                              tail_padding=self.config.graph_tail_padding)
         if self.decode_graphs is not None:
             self.decode_graphs.forward = runner.forward
         runner.decode_graphs = self.decode_graphs

@@ -258,8 +258,17 @@ def test_decode_graphs_skip_sizes_that_serve_few_steps():
     fake.slots = torch.zeros(4)
     graphs.run(*step(4), fake, None, np.array([2, 1, 1, 1]))  # 4 -> size 4 serves 1 step: pads into 8
     assert calls == [8, 8] and graphs.skipped == 2 and graphs.admitted == {8}
+    meta.own_lens, meta.own_pages, meta.seq_group = torch.ones(3), torch.zeros((3, 1)), torch.full((3,), -1)
+    fake.slots = torch.zeros(3)
+    graphs.run(*step(3), fake, None, np.array([2, 1, 1]))  # 8 is more than 2 x 3: eager, as above
+    assert calls == [8, 8] and graphs.skipped == 3
+    graphs.tail_padding = 4.0  # EngineConfig.graph_tail_padding: 8 is at most 4 x 3
+    graphs.run(*step(3), fake, None, np.array([2, 1, 1]))
+    assert calls == [8, 8, 8] and graphs.skipped == 3
     with pytest.raises(ValueError, match="max_graph_batch"):
         EngineConfig(max_graph_batch=0)
+    with pytest.raises(ValueError, match="graph_tail_padding"):
+        EngineConfig(graph_tail_padding=0.5)
 
 
 def test_decode_graphs_take_exact_sizes_for_steady_large_batches():

@@ -5,7 +5,8 @@
     python benchmarks/bench_kernels.py --decode-variants --prefill-variants  # kernel variants only (~3 min)
 
 Decode: G groups x B members (G * B = --requests, default 256), prefix P, own length S (incl. the new
-token), Hkv 8, head_dim 128, bf16, page_size 16, pages handed out in random order; grid P in {512, 2048,
+token), Hkv 8, head_dim 128, bf16, pages of 64 tokens (--page-size; 64 is the engine's on a GPU, sessions
+before 8 ran the grid at 16) handed out in random order; grid P in {512, 2048,
 8192} x B in {1, 4, 16, 64, 256} x S in {64, 256, 1024} x GQA {4, 8}, plus P=2048 B=32 S=256 GQA 4 and
 plain decode (P=0). Reported per row: time of `paged_attention` (plan excluded: made once per step for all
 layers; its host time is in the JSON), achieved bandwidth over the bytes that MUST be read (each prefix
@@ -37,12 +38,14 @@ from batchllm_hf.kernels import (allocate_plan, attention_plan, paged_attention,
                                  shared_prefix_prefill)
 from batchllm_hf.kernels.paged import PagedAttentionMetadata, paged_attention_reference
 
-NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 8, 128, 16
+NUM_KV_HEADS, HEAD_DIM = 8, 128
+PAGE_SIZE = 64  # the grid's pages (--page-size): EngineConfig.for_device's on CUDA
 
 
 def make_step(groups: int, members: int, prefix: int, own: int, q_len: int, ratio: int, *, dtype=torch.bfloat16,
-              head_dim=HEAD_DIM, num_kv_heads=NUM_KV_HEADS, page_size=PAGE_SIZE, seed=0):
+              head_dim=HEAD_DIM, num_kv_heads=NUM_KV_HEADS, page_size=None, seed=0):
     """Uniform step: every sequence has own_len `own` of which the last q_len are this step's queries."""
+    page_size = page_size or PAGE_SIZE
     torch.manual_seed(seed)
     seqs = groups * members
     prefix_pages, own_pages = -(-prefix // page_size), -(-own // page_size)
@@ -439,6 +442,7 @@ def check_cuda_graph() -> dict:
 
 
 def main() -> None:
+    global PAGE_SIZE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--quick", action="store_true")
@@ -448,11 +452,14 @@ def main() -> None:
     parser.add_argument("--prefill-variants", action="store_true",
                         help="only: prefill chunks under tile variants (about 1 minute), then exit")
     parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--page-size", type=int, default=PAGE_SIZE,
+                        help="KV page size of the grid's steps (default 64, the engine's on a GPU)")
     parser.add_argument("--out", default="bench_kernels.json")
     args = parser.parse_args()
+    PAGE_SIZE = args.page_size
     ceilings = device_ceilings()
     print(json.dumps(ceilings))
-    report = {"ceilings": ceilings, "check": [], "rows": []}
+    report = {"ceilings": ceilings, "page_size": PAGE_SIZE, "check": [], "rows": []}
     if args.decode_variants or args.prefill_variants:
         if args.decode_variants:
             report["decode_variants"] = decode_variants(ceilings)

@@ -425,7 +425,10 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                                 use_tma=use_tma,
                                 # prefill with TMA: page ids one block ahead and a 1-stage masked loop (session 8,
                                 # bench_kernels --prefill-variants: 179 / 569 / 306 / 457 us against 188 / 565 /
-                                # 325 / 486 with 3 masked stages and 223 / 762 / 384 / 568 without the prefetch)
+                                # 325 / 486 with 3 masked stages and 223 / 762 / 384 / 568 without the prefetch).
+                                # Mixed steps count as prefill: their decode rows' TMA loops prefetch too (timed
+                                # only inside the engine runs). A launch that falls back to pointer loads keeps
+                                # the 1-stage masked loop (untimed; fp32 or pages of partial blocks).
                                 prefetch_pages=bool(use_tma and prefill),
                                 masked_stages=1 if use_tma and prefill else None,
                                 num_programs=items.shape[0])  # one item per program: hardware load balance

@@ -26,7 +26,8 @@ class EngineConfig:
     cuda_graphs:         capture decode-only steps as CUDA graphs (ignored on CPU).
     max_graph_batch:     the largest decode step (sequences) run as a CUDA graph; sizes 1, 2, 4, ..., 256, then
                          multiples of 64 up to it (a step pads to the next size; a steady batch above 256
-                         takes its own size, rounded up to 16); larger decode steps run eagerly. A size is
+                         can take its own size, rounded up to 16: decode_graphs.py says when); larger decode
+                         steps run eagerly. A size is
                          captured once it will serve at least a few steps (decode_graphs.py). Each captured
                          size keeps its logits (a size of 1024 holds 256 MB of bf16 logits for a 128k
                          vocabulary; all 21 sizes up to 1024, if every one were captured, 2.2 GB; the
@@ -86,7 +87,7 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1 or None, got {self.max_num_seqs}.")
         if self.max_graph_batch < 1:
             raise ValueError(f"max_graph_batch must be >= 1, got {self.max_graph_batch}.")
-        if self.graph_tail_padding < 1.0:
+        if not self.graph_tail_padding >= 1.0:  # NaN too
             raise ValueError(f"graph_tail_padding must be >= 1, got {self.graph_tail_padding}.")
         if self.attention_backend not in (None, "triton", "sdpa", "reference"):
             raise ValueError(f"attention_backend must be None, 'triton', 'sdpa' or 'reference', got "

@@ -51,7 +51,13 @@ def test_host_probe_counts_collections_and_compiles(monkeypatch):
         kernel.device_caches[0][0]["variant c"] = 3  # a compile during the timed run
     assert probe.report["gc_collections"] >= 2 and probe.report["gc_seconds"] >= 0
     assert probe.report["triton_compiles"] == 1
-    assert _HostProbe._on_gc not in gc.callbacks and all(getattr(c, "__self__", None) is not probe for c in gc.callbacks)
+    assert all(getattr(c, "__self__", None) is not probe for c in gc.callbacks)  # unregistered
+    with pytest.raises(RuntimeError):  # an error in the timed run: the callback goes all the same
+        with _HostProbe() as failed:
+            raise RuntimeError("run failed")
+    assert all(getattr(c, "__self__", None) is not failed for c in gc.callbacks)
+    kernel.device_caches[1] = ("not a kernel cache",)  # a Triton whose caches look otherwise: unknown, not 0
+    assert _compiled_kernels() is None
 
 
 def test_workload_prompts_and_roofline():

@@ -274,6 +274,7 @@ def test_fused_prefill_items(use_tma, page_size, prefetch, monkeypatch):
     assert fused.has_fused and kinds.count(8) > 0 and set(items[items[:, 0] == 8][:, 12].tolist()) == {200, 77}
     assert (items[items[:, 0] != 8][:, 10:] == 0).all()
     assert bool(used) == use_tma
+    # (these two take the planner's prefetch: on with TMA, whatever `prefetch` says for the fused run above)
     plain = run_and_compare(groups, 8, 2, 64, torch.float32, page_size=page_size, block_n=32, use_tma=use_tma,
                             fuse=False, num_sms=1)
     # only where fused items lose no parallelism: prefixes of at most 2048 keys, steps whose items fill the GPU

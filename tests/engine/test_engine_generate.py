@@ -304,6 +304,10 @@ def test_decode_graphs_take_exact_sizes_for_steady_large_batches():
     assert run(650, steps) == 704  # one sequence leaves before EXACT_SIZE_STEPS: the standard size
     assert run(300, 90) == 304 and run(200, 90) == 256  # above 256 only (powers of two below)
     assert graphs.admitted == {800, 832, 704, 304, 256} and graphs.skipped == 0
+    # a size too short-lived to capture (min_capture_steps above EXACT_SIZE_STEPS) is not added either
+    strict = DecodeGraphs(model, cache, None, max_size=1024, table_width=8, capture=False, min_capture_steps=20)
+    assert strict.run(torch.zeros((1, 300), dtype=torch.long), None, None, None, np.full(300, 15)) is None
+    assert 304 not in strict.sizes and not strict.admitted and strict.skipped == 1
 
 
 def sampled(max_new_tokens, **kwargs):

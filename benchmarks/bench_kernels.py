@@ -228,6 +228,7 @@ DECODE_VARIANT_STEPS = [  # (groups, members, prefix, own, ratio, KV heads)
     (8, 32, 2048, 256, 4, 8),     # the issue's 3x-SDPA row (W-8B's decode step is close: 8 x 32, P 2048)
     (8, 32, 2048, 1024, 4, 8),
     (1, 256, 2048, 64, 8, 8),     # one large group, short own KV
+    (16, 16, 2048, 64, 8, 8),     # the grid's slowest row that is not compute-bound (26% of copy bandwidth)
     (4, 64, 8192, 64, 4, 8),      # large groups, long prefix: few prefix tiles per KV head
     (16, 16, 8192, 256, 8, 8),
     (256, 1, 2048, 64, 8, 8),     # groups of one
@@ -236,14 +237,18 @@ DECODE_VARIANT_STEPS = [  # (groups, members, prefix, own, ratio, KV heads)
 # (name, plan overrides): block_m (prefix and own row tiles; own decode rows use 16-row tiles anyway),
 # block_m_own after planning (16: the CUDA-graph plan's), keys per block, warps, stages of the main loop,
 # stages of the masked loop (None: the main loop's); min_chunk_filled: the shortest KV chunk of a step
-# whose items already fill the GPU (1 << 30: session 3's rule, no split there); use_tma: TMA key loads;
+# whose items already fill the GPU (1 << 30: session 3's rule, no split there); chunk: every item's KV chunk
+# (keys), as plan_paged_attention(chunk=...); use_tma: TMA key loads;
 # page_size: the KV pages (default VARIANT_PAGE_SIZE, the engine's; TMA needs pages of whole key blocks).
 VARIANT_PAGE_SIZE = 64
 DECODE_VARIANTS = [
     ("planner (engine default)", {}),
     ("planner, TMA key loads", {"use_tma": True}),
     ("planner, TMA key loads, page ids prefetched", {"use_tma": True, "prefetch_pages": True}),
-    ("CUDA-graph plan tiles (64-row prefix)", {"block_m": 64, "block_m_own": 16}),
+    # KV chunks of a fixed length (the planner keeps >= 2048 when the step's items fill the GPU, but its work
+    # measure counts key reads per tile, not rows: a 128-row prefix tile does 8x a 16-row tile's math per key)
+    ("planner, KV chunks of 512", {"chunk": 512}),
+    ("planner, KV chunks of 1024", {"chunk": 1024}),
     ("CUDA-graph plan tiles, TMA key loads", {"block_m": 64, "block_m_own": 16, "use_tma": True}),
     # (session 5's and 6's tables also timed the session-3 KV-split rule, a mixed step's tiles for decode rows
     # and pages of 16: benchmarks/results/2026-11-29-session6/variants_after.txt)
@@ -312,7 +317,8 @@ def decode_variants(ceilings) -> list[dict]:
                 if "static" in change:
                     plan = _static_plan(meta, q, kv_heads, change["static"], change.get("static_block_m"))
                 else:
-                    plan = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=change.get("block_m"))
+                    plan = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=change.get("block_m"),
+                                                chunk=change.get("chunk"))
             finally:
                 attention_plan._MIN_CHUNK_FILLED = default_min_chunk
             plan.block_m_own = change.get("block_m_own", plan.block_m_own)

@@ -135,14 +135,30 @@ def _compiled_kernels() -> int | None:
     return total if found else None
 
 
+def _pinned_stats() -> dict | None:
+    """The pinned host allocator's counters (CUDA; None elsewhere or where torch does not keep them)."""
+    if not torch.cuda.is_available() or not hasattr(torch.cuda, "host_memory_stats"):
+        return None
+    try:
+        stats = torch.cuda.host_memory_stats()
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return None
+    return {"new_blocks": stats.get("num_host_alloc", 0), "freed_blocks": stats.get("num_host_free", 0),
+            "alloc_us": stats.get("host_alloc_time.total", 0), "free_us": stats.get("host_free_time.total", 0)}
+
+
 class _HostProbe:
     """What a timed run spent on the host besides its own work: Python garbage collections (count and
-    seconds) and Triton compilations. Session 7-8: the first timed engine run of a workload had slower host
-    phases than the same configuration run later, after a full warm-up each; this records two suspects."""
+    seconds), Triton compilations, and pinned host blocks newly allocated (or freed) by CUDA with the time
+    those calls took (every host-to-device copy goes through `pin_memory()`). Sessions 7-8: the first timed
+    engine run of a workload had slower host phases than the same configuration run later, after a full
+    warm-up each (W-paper's eager tail steps: 40-53 ms against 25), while its graph and prefill steps took
+    the same time; this records three suspects."""
 
     def __enter__(self):
         self.collections, self.gc_seconds, self._start = 0, 0.0, None
         self.compiled = _compiled_kernels()
+        self.pinned = _pinned_stats()
         gc.callbacks.append(self._on_gc)
         return self
 
@@ -156,9 +172,11 @@ class _HostProbe:
 
     def __exit__(self, *exc):
         gc.callbacks.remove(self._on_gc)
-        after = _compiled_kernels()
+        after, pinned = _compiled_kernels(), _pinned_stats()
         self.report = {"gc_collections": self.collections, "gc_seconds": round(self.gc_seconds, 4),
-                       "triton_compiles": None if after is None or self.compiled is None else after - self.compiled}
+                       "triton_compiles": None if after is None or self.compiled is None else after - self.compiled,
+                       "pinned": None if pinned is None or self.pinned is None else
+                       {key: pinned[key] - self.pinned[key] for key in pinned}}
         return False
 
 

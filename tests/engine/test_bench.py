@@ -24,7 +24,8 @@ def test_bench_dry_run_writes_reports(tmp_path):
     assert ours["output_tokens"] == 3 * 4 * 4 and ours["physical_prompt_tokens"] < ours["logical_prompt_tokens"]
     assert ours["kv_timeline"] and runs["batchllm (clustering off)"]["groups"] == 0
     assert "| W-1B | batchllm |" in (tmp_path / "results.md").read_text()
-    assert all(set(r["host_probe"]) == {"gc_collections", "gc_seconds", "triton_compiles"} for r in runs.values())
+    assert all(set(r["host_probe"]) == {"gc_collections", "gc_seconds", "triton_compiles", "pinned"}
+               for r in runs.values())
 
 
 def test_host_probe_counts_collections_and_compiles(monkeypatch):
@@ -56,6 +57,13 @@ def test_host_probe_counts_collections_and_compiles(monkeypatch):
         with _HostProbe() as failed:
             raise RuntimeError("run failed")
     assert all(getattr(c, "__self__", None) is not failed for c in gc.callbacks)
+    from batchllm_hf import bench  # pinned host blocks: counter deltas over the timed block, where CUDA keeps them
+    counters = iter([{"new_blocks": 3, "freed_blocks": 0, "alloc_us": 10.0, "free_us": 0.0},
+                     {"new_blocks": 5, "freed_blocks": 1, "alloc_us": 910.0, "free_us": 7.0}])
+    monkeypatch.setattr(bench, "_pinned_stats", lambda: next(counters))
+    with _HostProbe() as pinned:
+        pass
+    assert pinned.report["pinned"] == {"new_blocks": 2, "freed_blocks": 1, "alloc_us": 900.0, "free_us": 7.0}
     kernel.device_caches[1] = ("not a kernel cache",)  # a Triton whose caches look otherwise: unknown, not 0
     assert _compiled_kernels() is None
 

@@ -34,10 +34,12 @@ def main():
         for p in prompts:
             ids = torch.tensor([p], device="cuda")
             ref.append(model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)[0, len(p):].tolist())
-        for backend, shared, graphs in (("triton", True, True), ("triton", False, True), ("triton", True, False),
-                                    ("sdpa", True, False)):
+        # page_size None: the engine's default on a GPU (64: prefill chunks take TMA key loads with page ids
+        # prefetched in bf16; fp32 keeps pointer loads); the other rows keep pages of 16
+        for backend, shared, graphs, page_size in (("triton", True, True, None), ("triton", False, True, 16),
+                                                   ("triton", True, False, 16), ("sdpa", True, False, 16)):
             try:
-                engine = Engine(model, EngineConfig(page_size=16, num_pages=512, attention_backend=backend,
+                engine = Engine(model, EngineConfig(page_size=page_size, num_pages=512, attention_backend=backend,
                                                     use_shared_prefix=shared, max_batch_tokens=256,
                                                     cuda_graphs=graphs))
                 out = engine.generate(prompts, gen)
@@ -51,7 +53,8 @@ def main():
                 continue
             same = sum(o.token_ids == r for o, r in zip(out, ref))
             tokens = sum(a == b for o, r in zip(out, ref) for a, b in zip(o.token_ids, r))
-            print(f"{dtype} {backend} shared={shared} graphs={graphs}: {same}/{len(prompts)} prompts identical, "
+            print(f"{dtype} {backend} shared={shared} graphs={graphs} pages={engine.config.page_size or 'default'}: "
+                  f"{same}/{len(prompts)} prompts identical, "
                   f"{tokens}/{12 * len(prompts)} tokens")
             ok = ok and (same == len(prompts) or dtype != torch.float32)
     return 0 if ok else 1

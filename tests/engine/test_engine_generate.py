@@ -564,3 +564,35 @@ def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused,
     assert any(p.has_fused for p in plans) == fused
     assert not static or (graphs.admitted and graphs.plan.use_tma == (tma is True)
                           and graphs.plan.num_programs == graphs.plan.items.shape[0])
+
+
+def test_exact_graph_size_through_the_kernel_matches_hf(monkeypatch):
+    """A steady batch's own graph size (decode_graphs._exact_size), end to end through the real Triton kernel
+    (CPU interpreter), at a scale the interpreter runs: the size rules shrunk (powers of two up to 2, then
+    steps of 8; exact sizes rounded to 2, taken when 2 steps are sure). Six sequences decode at size 6, not
+    10; once one finishes, five pad into 6. Tokens equal HF generate's (fp32)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from batchllm_hf.engine import decode_graphs
+    from batchllm_hf.kernels import attention_ops
+
+    monkeypatch.setattr(attention_ops, "use_triton", lambda q: True)
+    for name, value in (("_POWER_SIZES_UP_TO", 2), ("_SIZE_STEP", 8), ("_EXACT_MULTIPLE", 2), ("EXACT_SIZE_STEPS", 2)):
+        monkeypatch.setattr(decode_graphs, name, value)
+    model = tiny_model("llama", num_kv_heads=2, ratio=2, head_dim=32)
+    prompts = prompt_set(seed=5, groups=((150, 3), (70, 2)), singles=1, suffix=(60, 80))
+    max_new = [3, 4, 4, 4, 4, 4]
+    expected = reference(model, prompts, max_new)
+    # one prefill step (1024 tokens), so the first decode-only step holds all 6 sequences
+    engine = Engine(model, EngineConfig(page_size=64, num_pages=64, max_batch_tokens=1024, attention_backend="triton"))
+    graphs = engine.decode_graphs = decode_graphs.DecodeGraphs(model, engine._kv_cache(), None, max_size=16,
+                                                               table_width=16, capture=False, min_capture_steps=0)
+    assert graphs.sizes == [1, 2, 10, 16]
+    steps = []  # (sequences, static size) of each decode step on the static path
+    real_run, real_static = graphs.run, graphs._run_static
+    graphs.run = lambda input_ids, *args: steps.append([input_ids.shape[1]]) or real_run(input_ids, *args)
+    graphs._run_static = lambda b, step: steps[-1].append(b) or real_static(b, step)
+    outputs = engine.generate(prompts, greedy(4), max_new_tokens_per_request=max_new)
+    assert [o.token_ids for o in outputs] == expected
+    assert steps[0] == [6, 6] and [5, 6] in steps and all(len(s) == 2 and s[1] == 6 for s in steps), steps
+    assert graphs.admitted == {6} and graphs.sizes == [1, 2, 6, 10, 16]

@@ -418,6 +418,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     flat_items, plan_parts, plan_starts = packed.split([items.size, num_tokens, num_tokens])
     tensors = dict(items=flat_items.view(items.shape[0], NUM_FIELDS), num_parts=plan_parts, part_start=plan_starts)
     if buffers is None:
+        tma_prefill = bool(use_tma and prefill)
         buffers = allocate_plan(num_tokens, items.shape[0], num_part_slots, num_q_heads, head_dim, device,
                                 block_m=bm, block_m_own=bmo, block_n=bn, block_m_wide=bmw, block_n_wide=bnw,
                                 wide=bool(run_wide.any() or own_wide.any()),
@@ -429,8 +430,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                                 # Mixed steps count as prefill: their decode rows' TMA loops prefetch too (timed
                                 # only inside the engine runs). A launch that falls back to pointer loads keeps
                                 # the 1-stage masked loop (untimed; fp32 or pages of partial blocks).
-                                prefetch_pages=bool(use_tma and prefill),
-                                masked_stages=1 if use_tma and prefill else None,
+                                prefetch_pages=tma_prefill, masked_stages=1 if tma_prefill else None,
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0
         buffers.has_small = bool(((items[:, 0] == 2) | (items[:, 0] == 3)).any())

@@ -27,12 +27,11 @@ class EngineConfig:
     max_graph_batch:     the largest decode step (sequences) run as a CUDA graph; sizes 1, 2, 4, ..., 256, then
                          multiples of 64 up to it (a step pads to the next size; a steady batch above 256
                          can take its own size, rounded up to 16: decode_graphs.py says when); larger decode
-                         steps run eagerly. A size is
-                         captured once it will serve at least a few steps (decode_graphs.py). Each captured
-                         size keeps its logits (a size of 1024 holds 256 MB of bf16 logits for a 128k
-                         vocabulary; all 21 sizes up to 1024, if every one were captured, 2.2 GB; the
-                         steady-batch sizes add at most one per 64-wide bucket); lower it on a GPU with little
-                         memory left beside the KV pool.
+                         steps run eagerly. A size is captured once it will serve at least a few steps
+                         (decode_graphs.py). Each captured size keeps its logits (a size of 1024 holds 256 MB
+                         of bf16 logits for a 128k vocabulary; all 21 sizes up to 1024, if every one were
+                         captured, 2.2 GB; the steady-batch sizes add at most one per 64-wide bucket); lower it
+                         on a GPU with little memory left beside the KV pool.
     graph_tail_padding:  a decode step whose own size would serve too few steps to capture (the shrinking tail
                          of a job) pads into a captured larger size while that is at most this many times the
                          step's sequences, else runs eagerly (default 2). An eager step of a 7B model is

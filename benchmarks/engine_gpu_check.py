@@ -1,5 +1,6 @@
 """GPU sanity check of the engine (not a test): tiny random models, engine greedy output vs plain HF generate
-per prompt, with each attention backend available (fp32 and bf16). Prints agreement; exits 1 on fp32 mismatch."""
+per prompt, with each attention backend available (fp32 and bf16). Prints agreement; exits 1 on fp32 mismatch.
+Usage: python benchmarks/engine_gpu_check.py [fp32] [bf16]   (no argument: both)"""
 
 import random
 import sys
@@ -16,7 +17,11 @@ decode_graphs.MIN_CAPTURE_STEPS = 0  # capture every size, however few steps it 
 
 def main():
     ok = True
-    for dtype in (torch.float32, torch.bfloat16):
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    unknown = [a for a in sys.argv[1:] if a not in names]
+    if unknown:
+        raise SystemExit(f"unknown dtypes {unknown}; choose from {sorted(names)}")
+    for dtype in [names[a] for a in sys.argv[1:]] or names.values():
         config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                              num_attention_heads=8, num_key_value_heads=2, head_dim=64, initializer_range=0.3,
                              eos_token_id=2, pad_token_id=0)

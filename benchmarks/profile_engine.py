@@ -296,7 +296,7 @@ def main():
     parser.add_argument("--workloads", default="W-1B")
     parser.add_argument("--out", default="profile_out")
     parser.add_argument("--page-size", type=int, default=64)
-    parser.add_argument("--max-batch-tokens", type=int, default=8192)
+    parser.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens)
     parser.add_argument("--kernels", action="store_true", help="only the per-kernel GPU time of decode and mixed steps")
     parser.add_argument("--decode-at", default="20", help="--kernels: first decode step of each 5-step window")
     parser.add_argument("--mixed-at", default="2", help="--kernels: first mixed step of each 2-step window")

@@ -14,7 +14,11 @@ class EngineConfig:
     page_size:           tokens per KV page (a power of two). Group prefixes are cut to whole pages. None
                          (default): 64 on a CUDA GPU (whole 64-key blocks: the prefill attention's TMA key
                          loads), 16 elsewhere (less of a short shared prefix lost to page rounding).
-    max_batch_tokens:    token budget of one step (decode tokens + prefill chunks).
+    max_batch_tokens:    token budget of one step (decode tokens + prefill chunks). Default 16384: fewer,
+                         larger prefill steps pay the per-step costs (launches, the decode tokens' attention)
+                         fewer times (session 9, H200: W-paper 9.26 s against 9.46-9.67 s at 8192, with the
+                         tail padding below); a step's activations grow with it (a 7B model's MLP holds about
+                         1.2 GB at 16384 tokens); BatchGenerator halves it after an out-of-memory error.
     num_pages:           KV pool size in pages; None sizes it from free accelerator memory (CPU: 4096).
     kv_memory_fraction:  share of the free accelerator memory (after the model loaded) given to the KV pool.
     max_num_seqs:        cap on running requests; None = admission bounded by KV memory alone (BatchLLM's
@@ -34,9 +38,11 @@ class EngineConfig:
                          on a GPU with little memory left beside the KV pool.
     graph_tail_padding:  a decode step whose own size would serve too few steps to capture (the shrinking tail
                          of a job) pads into a captured larger size while that is at most this many times the
-                         step's sequences, else runs eagerly (default 2). An eager step of a 7B model is
-                         bound by the host's launches (W-paper: 25 ms, 40-53 ms in slower runs), so padding
-                         further can pay; larger models' padded steps cost more device time.
+                         step's sequences, else runs eagerly (default 32; session 8's 2 ran W-paper's last
+                         12 steps eagerly). An eager step of a 7B model is bound by the host's launches
+                         (W-paper: 25 ms, 40-53 ms in slower runs), and padding into a graph measured faster
+                         on W-paper, W-8B and W-1B alike (session 9); larger models' padded steps cost more
+                         device time.
     attention_backend:   "triton", "sdpa" or "reference" (kv_pool.PagedCache); None picks the fastest here.
     overlap_steps:       launch step N+1 before reading step N's tokens back (same outputs; off: one step at
                          a time, the host idle while the device runs and the other way round).
@@ -51,7 +57,7 @@ class EngineConfig:
     """
 
     page_size: int | None = None
-    max_batch_tokens: int = 4096
+    max_batch_tokens: int = 16384
     num_pages: int | None = None
     kv_memory_fraction: float = 0.85
     max_num_seqs: int | None = None
@@ -61,7 +67,7 @@ class EngineConfig:
     min_prefix_len: int | None = None
     cuda_graphs: bool = True
     max_graph_batch: int = 1024
-    graph_tail_padding: float = 2.0
+    graph_tail_padding: float = 32.0
     attention_backend: str | None = None
     overlap_steps: bool = True
     fused_ops: bool = True

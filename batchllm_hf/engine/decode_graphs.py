@@ -13,8 +13,8 @@ runs the same static-buffer path eagerly, which is how the padding logic is test
 A size is captured only when the step says it will be used for at least `min_capture_steps` steps (the
 runner passes each sequence's expected remaining tokens; a capture costs about three eager forwards of
 host time, which a few replays do not pay back): the tail of a job, where the batch shrinks every step,
-pads into a size already captured while that is at most twice the batch (`tail_padding`,
-EngineConfig.graph_tail_padding), and runs eagerly below that, instead of capturing a graph per step.
+pads into a size already captured while that is at most `tail_padding` times the batch
+(EngineConfig.graph_tail_padding, default 32), and runs eagerly below that, instead of capturing a graph per step.
 
 A batch of more than 256 sequences whose size will not change for EXACT_SIZE_STEPS steps (no running
 sequence expects to finish sooner) gets a graph of its own size, rounded up to a multiple of 16, instead of
@@ -60,7 +60,7 @@ def graph_sizes(max_size: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, cache: PagedCache, forward, max_size: int, table_width: int, capture: bool,
-                 min_capture_steps: int | None = None, tail_padding: float = 2.0):
+                 min_capture_steps: int | None = None, tail_padding: float = 32.0):
         self.model, self.cache, self.forward = model, cache, forward
         self.sizes = graph_sizes(max_size)
         self.base_sizes = tuple(self.sizes)  # without the exact sizes added on the way (_exact_size)
@@ -183,7 +183,7 @@ class DecodeGraphs:
         if b not in self.admitted:
             if remaining is not None and self.expected_steps(n, remaining) < self.min_capture_steps:
                 # too few steps to pay for a capture of its own: pad into a larger size already taken, if
-                # at most tail_padding (default 2) times as large (the shrinking tail of a large batch: an
+                # at most tail_padding (default 32) times as large (the shrinking tail of a large batch: an
                 # eager step of hundreds of sequences is bound by the host's launches, W-paper's took 40-53
                 # ms against 25-29 ms for its graph, session 7), else run eagerly
                 larger = min((s for s in self.admitted if s > b), default=None)

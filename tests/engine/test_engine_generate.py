@@ -227,7 +227,8 @@ def test_decode_graphs_skip_sizes_that_serve_few_steps():
 
     model = tiny_model("llama")
     cache = Engine(model, EngineConfig(page_size=4, num_pages=64))._kv_cache()
-    graphs = DecodeGraphs(model, cache, None, max_size=1024, table_width=8, capture=False, min_capture_steps=6)
+    graphs = DecodeGraphs(model, cache, None, max_size=1024, table_width=8, capture=False, min_capture_steps=6,
+                          tail_padding=2.0)
     # 800 running: size 832, next smaller 768; 800 - 768 = 32 sequences must finish first
     remaining = np.concatenate([np.full(32, 40), np.full(768, 90)])
     assert graphs.expected_steps(800, remaining) == 40
@@ -543,7 +544,7 @@ def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused,
         cache = engine._kv_cache()
         cache.attention_tma = tma  # as Engine._runner sets it before it builds the graphs
         graphs = engine.decode_graphs = DecodeGraphs(model, cache, None, max_size=8, table_width=16, capture=False,
-                                                     min_capture_steps=0)
+                                                     min_capture_steps=0, tail_padding=2.0)  # the last step eager
         sizes = []
         if pad:  # after the first decode step no size is worth a capture of its own
             real_run, real_static = graphs.run, graphs._run_static

@@ -20,7 +20,8 @@ class EngineConfig:
                          tail padding below); a step's activations grow with it (a 7B model's MLP holds about
                          1.2 GB at 16384 tokens); BatchGenerator halves it after an out-of-memory error.
     num_pages:           KV pool size in pages; None sizes it from free accelerator memory (CPU: 4096).
-    kv_memory_fraction:  share of the free accelerator memory (after the model loaded) given to the KV pool.
+    kv_memory_fraction:  share of the free accelerator memory given to the KV pool, after the model loaded and
+                         a step of max_batch_tokens has its activations set aside (kv_pool.step_activation_bytes).
     max_num_seqs:        cap on running requests; None = admission bounded by KV memory alone (BatchLLM's
                          memory-centric batching). Setting it is the "memory budget off" ablation.
     decode_first:        admit groups with the largest expected-decode / prefill ratio first.

@@ -86,7 +86,8 @@ class Engine:
         self._cache = self.decode_graphs = None  # the graphs hold the old pool's addresses
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
-        num_pages = pool_pages(self.model, cfg.page_size, self.model.dtype, self.model.device, cfg.kv_memory_fraction)
+        num_pages = pool_pages(self.model, cfg.page_size, self.model.dtype, self.model.device, cfg.kv_memory_fraction,
+                               step_tokens=cfg.max_batch_tokens)
         if needed_pages is not None:
             num_pages = min(num_pages, needed_pages)
         self._cache = PagedCache(self.model, num_pages, cfg.page_size, cfg.attention_backend)

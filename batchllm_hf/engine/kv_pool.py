@@ -34,11 +34,24 @@ def page_bytes(model, page_size: int, dtype: torch.dtype) -> int:
     return 2 * num_layers * page_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def pool_pages(model, page_size: int, dtype: torch.dtype, device: torch.device, fraction: float) -> int:
-    """Pages that fit in `fraction` of the free accelerator memory (after the model loaded); CPU: 4096."""
+def step_activation_bytes(model, tokens: int, dtype: torch.dtype) -> int:
+    """A rough upper estimate of one step's activations at their peak, for `tokens` packed tokens: per token
+    six hidden-sized tensors (residual, norm, q / k / v, attention output) and the MLP's gate, up and
+    activation (three intermediate-sized). A 7-8B model at 16384 tokens: about 2 GB in bf16."""
+    config = model.config.get_text_config()
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    return tokens * (6 * hidden + 3 * intermediate) * torch.empty((), dtype=dtype).element_size()
+
+
+def pool_pages(model, page_size: int, dtype: torch.dtype, device: torch.device, fraction: float,
+               step_tokens: int = 0) -> int:
+    """Pages that fit in `fraction` of the free accelerator memory (after the model loaded), once a step of
+    `step_tokens` tokens has its activations set aside (step_activation_bytes); CPU: 4096."""
     if device.type != "cuda":
         return 4096
     free, _ = torch.cuda.mem_get_info(device)
+    free = max(0, free - step_activation_bytes(model, step_tokens, dtype))
     return max(1, int(free * fraction) // page_bytes(model, page_size, dtype) - 1)  # - 1: the scratch page
 
 

@@ -42,6 +42,17 @@ with an unpipelined masked loop, 98 -> 132 KiB at 128 x 64 with 8 warps. Registe
 the dense kernel needs 150 at 64 x 64 / 4 warps and 128 x 64 / 8 warps (254 at 128 x 64 / 4 warps). Cutting
 pieces from a scratch copy, our count drops to 173 only without both the masked loop and the split-partial
 stores, so no single piece explains it.
+
+Session 9 (the table now prints programs per SM, the smaller of shared memory's and registers' limits):
+the planner's decode configuration for 128-row prefix tiles (128 / 16 / 64 keys / 4 warps / 2 stages: the
+W-paper decode step, GQA 7 x 16 members, and GQA-8 steps with groups of 16 or more) needs 128 KiB of shared
+memory, so one program per SM: each SM works through its own items (250-key own items in W-paper's step) one
+at a time, their load latency unhidden. The grid at pages of 64 (P >= 2048) fits that, though large tiles
+also mean large groups, so it does not prove it: steps the planner gives 16-row tiles only (110 registers,
+70 KiB, three programs) reach 59-97% of copy bandwidth, 32-row 67-92%, 64-row (112 KiB, two) 12-82%, and
+128-row (one) 9-77%. With the masked loop unpipelined it takes 96 KiB (two
+programs; 292 bytes of spills instead of 408), and 64 KiB with 32-key blocks (8 bytes of spills).
+`bench_kernels.py --decode-variants` times both on the GPU (triton 3.6 there may allocate differently).
 """
 
 from __future__ import annotations
@@ -170,7 +181,21 @@ CONFIGS = [  # (name, (head_dim, block_m, block_m_own, block_n, num_warps, num_s
     ("16-row tiles only, masked loop 1 stage", (128, 16, 16, 64, 4, 2, False, "bf16", 8, 1)),
     ("16-row tiles only, 8 warps, masked loop 1 stage", (128, 16, 16, 64, 8, 2, False, "bf16", 8, 1)),
     ("CUDA-graph plan at maxnreg 168 (3 programs / SM)", (128, 64, 16, 64, 4, 2, False, "bf16", 8, 1, 168)),
+    # session 9: the planner's decode configuration for 128-row prefix tiles (W-paper's decode step, GQA 8
+    # with groups of 16+) needs 128 KiB, one program per SM; unpipelined masked loop: 96 KiB, two
+    ("decode, large groups, masked loop 1 stage", (128, 128, 16, 64, 4, 2, False, "bf16", 8, 1)),
+    ("decode, large groups, masked loop 1 stage, 32-key blocks", (128, 128, 16, 32, 4, 2, False, "bf16", 8, 1)),
 ]
+
+SHARED_PER_SM = 227 * 1024  # an H100 / H200 SM's shared memory for its resident programs (bytes)
+REGISTERS_PER_SM = 65536
+
+
+def programs_per_sm(report: dict, num_warps: int) -> int:
+    """Programs of this compiled kernel that fit one SM at once, by shared memory and by registers."""
+    by_shared = SHARED_PER_SM // max(report["shared"], 1)
+    by_registers = REGISTERS_PER_SM // (report["regs"] * 32 * num_warps) if report["regs"] else by_shared
+    return min(by_shared, by_registers)
 
 
 def planner_families() -> list[tuple]:
@@ -225,7 +250,8 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90a, ptxas {ptxas_path()}")
     for name, config in CONFIGS:
         r = attention(*config)
-        print(f"{name:60s} regs {r['regs']} spills {r['spills']} shared {r['shared'] / 1024:6.1f} KiB")
+        print(f"{name:60s} regs {r['regs']} spills {r['spills']} shared {r['shared'] / 1024:6.1f} KiB "
+              f"-> {programs_per_sm(r, config[4])} programs / SM")
     for name, r in fused_kernels().items():
         print(f"{name:60s} regs {r['regs']} spills {r['spills']} shared {r['shared'] / 1024:6.1f} KiB")
 

@@ -41,9 +41,6 @@ ABLATIONS = {
     # not ablations: TMA key loads in the attention kernel in every step (default: prefill tiles only), or never
     "batchllm (TMA key loads everywhere)": {"attention_tma": True},
     "batchllm (TMA key loads off)": {"attention_tma": False},
-    # not an ablation: the attention's masked key loop unpipelined in every step (default: prefill steps with
-    # TMA only); 128-row decode tiles then fit two programs per SM instead of one (compile_check.py)
-    "batchllm (masked key loop 1 stage)": {"attention_masked_stages": 1},
     # not ablations: session 8's defaults (steps of 8192 tokens; the shrinking tail padded into a captured
     # graph only up to 2x its batch, so W-paper's last 12 steps ran eagerly), and a larger token budget
     "batchllm (session 8 defaults: 8192 tokens, tail padding 2x)": {"max_batch_tokens": 8192,

@@ -2,10 +2,9 @@
 # One device call (about 9.5 minutes on an H200): the engine's GPU sanity check in fp32 (tokens vs HF generate,
 # every graph size captured; its bf16 part, about 110 s more, does not fit beside the bench: run
 # `python benchmarks/engine_gpu_check.py bf16` in a call of its own), then the headline bench
-# with HF generate side by side, the attention's masked key loop unpipelined in every step as a variant (two
-# programs per SM on 128-row decode tiles instead of one; session 9's lead), and the default engine again
-# after it (sessions 5-8: the first engine run of a workload had slower host phases; each run's host probe is
-# in the log; session 9 found no pinned-memory, GC or compile cost there).
+# with HF generate side by side, session 8's defaults (steps of 8192 tokens, tail padding 2x) as a variant, and
+# the default engine again after it (sessions 5-8: the first engine run of a workload had slower host phases;
+# each run's host probe is in the log; session 9 found no pinned-memory, GC or compile cost there).
 # W-noshare does not fit its limits (its HF baseline was cut every time): run `--workloads W-noshare` alone.
 # Usage (repo root): OUT=dir bash benchmarks/engine_gpu_run.sh   (SKIP_CHECK=1: the bench only)
 export PYTHONUNBUFFERED=1
@@ -16,4 +15,4 @@ python -c "import torch, transformers, triton; print(torch.__version__, transfor
 [ -n "$SKIP_CHECK" ] || timeout 150 python benchmarks/engine_gpu_check.py ${CHECK_DTYPES:-fp32} 2>&1 | grep -v Warning | tee $OUT/gpu_check.txt
 # from $PKG: `python -m` puts the working directory first on sys.path, where batchllm_hf has no kernels/
 (cd $PKG && timeout 435 python -m batchllm_hf.cli bench --workloads W-paper,W-8B,W-1B --skip-generate-batch \
-    --ablations "masked key loop,default again" --out $OUT 2>&1 | grep -v Warning | tail -20)
+    --ablations "session 8 defaults,default again" --out $OUT 2>&1 | grep -v Warning | tail -20)

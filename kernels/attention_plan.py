@@ -197,7 +197,6 @@ def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
                          num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
                          wide: bool = False, use_tma: bool | None = None, fuse: bool = True,
-                         masked_stages: int | None = None,
                          buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """Plan one step (host sync here, once per step). See the module docstring.
 
@@ -206,14 +205,13 @@ def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_
     use_tma=True reads the unmasked key blocks through TMA tensor descriptors where the launch allows it;
     None (default) does so for prefill steps whose pages hold whole 64-key blocks, with 64 x 64 tiles: on an
     H200 that was 13-20% faster on every prefill chunk measured, while TMA was up to 1.7x slower on some
-    decode steps (session 6's variant tables). masked_stages: pipeline stages of the masked key loop (a
-    causal diagonal or a partial last block); None: 1 in prefill steps with TMA, else the main loop's.
-    A static plan (`buffers`) keeps the choices it was allocated with."""
+    decode steps (session 6's variant tables).
+    A static plan (`buffers`) keeps the choice it was allocated with."""
     tensors = (meta.q_starts, meta.own_lens, meta.seq_group, meta.prefix_lens)
     arrays = [t.cpu().numpy().astype(np.int64) for t in tensors]
     return plan_attention(*arrays, num_q_heads, num_kv_heads, head_dim, meta.own_lens.device, num_sms=num_sms,
                           block_m=block_m, chunk=chunk, wide=wide, use_tma=use_tma, fuse=fuse,
-                          masked_stages=masked_stages, page_size=meta.page_size, buffers=buffers)
+                          page_size=meta.page_size, buffers=buffers)
 
 
 def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.ndarray, prefix_lens: np.ndarray,
@@ -221,7 +219,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                    own_starts: np.ndarray | None = None, prefix_starts: np.ndarray | None = None,
                    num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
                    wide: bool = False, use_tma: bool | None = None, fuse: bool = True,
-                   masked_stages: int | None = None, page_size: int | None = None,
+                   page_size: int | None = None,
                    buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """`plan_paged_attention` on host arrays (page_size: the KV pages', which decide whether TMA key loads
     can serve a prefill step's 64-key blocks; None: they cannot). own_starts / prefix_starts: first visible key of each
@@ -432,8 +430,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                                 # Mixed steps count as prefill: their decode rows' TMA loops prefetch too (timed
                                 # only inside the engine runs). A launch that falls back to pointer loads keeps
                                 # the 1-stage masked loop (untimed; fp32 or pages of partial blocks).
-                                prefetch_pages=tma_prefill,
-                                masked_stages=masked_stages or (1 if tma_prefill else None),
+                                prefetch_pages=tma_prefill, masked_stages=1 if tma_prefill else None,
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0
         buffers.has_small = bool(((items[:, 0] == 2) | (items[:, 0] == 3)).any())

@@ -55,11 +55,6 @@ class EngineConfig:
                          whole 64-key blocks (page_size a multiple of 64), with 64 x 64 tiles, where it measured
                          13-20% faster per chunk; True: in every step, CUDA-graph decode included (slower on
                          some decode steps); False: never. Same outputs either way.
-    attention_masked_stages: pipeline stages of the triton backend's masked key loop (causal diagonals and
-                         partial last blocks); None (default): 1 in prefill steps with TMA key loads, else those
-                         of the main loop. 1 in decode steps halves the shared memory of 128-row decode tiles
-                         (two programs per SM instead of one: benchmarks/compile_check.py); not yet timed on a
-                         GPU. Same outputs either way.
     """
 
     page_size: int | None = None
@@ -78,7 +73,6 @@ class EngineConfig:
     overlap_steps: bool = True
     fused_ops: bool = True
     attention_tma: bool | None = None
-    attention_masked_stages: int | None = None
 
     def for_device(self, device) -> "EngineConfig":
         """This config with its device-dependent defaults filled in (page_size)."""
@@ -104,7 +98,5 @@ class EngineConfig:
         if self.attention_backend not in (None, "triton", "sdpa", "reference"):
             raise ValueError(f"attention_backend must be None, 'triton', 'sdpa' or 'reference', got "
                              f"{self.attention_backend!r}.")
-        if self.attention_masked_stages is not None and self.attention_masked_stages < 1:
-            raise ValueError(f"attention_masked_stages must be >= 1 or None, got {self.attention_masked_stages}.")
         if self.min_prefix_len is not None and self.min_prefix_len < 1:
             raise ValueError(f"min_prefix_len must be >= 1 or None, got {self.min_prefix_len}.")

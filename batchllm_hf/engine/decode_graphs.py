@@ -106,8 +106,7 @@ class DecodeGraphs:
             tiles = -(-ratio // 16) + -(-ratio // 64)
             self.plan = allocate_plan(b, tiles * num_kv_heads * b + 4096, 4 * b + 4096, num_q_heads, head_dim, device,
                                       block_m=block_m, block_m_own=block_m_own, block_n=block_n,
-                                      num_warps=num_warps, num_stages=num_stages, use_tma=cache.attention_tma is True,
-                                      masked_stages=cache.attention_masked_stages)
+                                      num_warps=num_warps, num_stages=num_stages, use_tma=cache.attention_tma is True)
         self._reset_padding(0, b)
 
     def _reset_padding(self, lo: int, hi: int) -> None:

@@ -133,7 +133,6 @@ class PagedCache(Cache):
         self.backend = backend or ("triton" if device.type == "cuda" else "sdpa")
         self.step: Step | None = None
         self.attention_tma = None  # EngineConfig.attention_tma: TMA key loads (triton backend; None: prefill only)
-        self.attention_masked_stages = None  # EngineConfig.attention_masked_stages (None: the planner's choice)
         # The Triton kernels never load a key past a sequence's length, so their pool needs no zero fill
         # (filling ~100 GiB took 0.2 s per engine on an H200); the torch paths gather whole pages and
         # mask afterwards, where stale NaN bit patterns would poison the masked product, so they get zeros.

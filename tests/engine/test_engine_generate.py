@@ -567,42 +567,6 @@ def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused,
                           and graphs.plan.num_programs == graphs.plan.items.shape[0])
 
 
-def test_masked_key_loop_stages_reach_every_plan(monkeypatch):
-    """EngineConfig.attention_masked_stages=1 reaches the per-step plans and the CUDA-graph path's static plan
-    (run eagerly here), and the kernel built with it gives HF generate's tokens (fp32, CPU interpreter)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
-    from batchllm_hf.engine import runner as runner_module
-    from batchllm_hf.engine.decode_graphs import DecodeGraphs
-    from batchllm_hf.kernels import attention_ops, shared_prefix_triton
-
-    monkeypatch.setattr(attention_ops, "use_triton", lambda q: True)
-    plans, launched = [], []
-    real_plan, real_launch = runner_module.plan_attention, shared_prefix_triton.launch_shared_prefix_attention
-
-    def launch(q, k_cache, v_cache, meta, scaling, plan, **kwargs):
-        launched.append(plan.masked_stages)
-        return real_launch(q, k_cache, v_cache, meta, scaling, plan, **kwargs)
-
-    monkeypatch.setattr(runner_module, "plan_attention", lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1])
-    monkeypatch.setattr(shared_prefix_triton, "launch_shared_prefix_attention", launch)
-    with pytest.raises(ValueError, match="attention_masked_stages"):
-        EngineConfig(attention_masked_stages=0)
-    model = tiny_model("llama", num_kv_heads=2, ratio=2, head_dim=32)
-    prompts = prompt_set(seed=6, groups=((150, 3),), singles=1, suffix=(60, 80))
-    expected = reference(model, prompts, [3] * len(prompts))
-    engine = Engine(model, EngineConfig(page_size=64, num_pages=64, max_batch_tokens=256, attention_backend="triton",
-                                        attention_masked_stages=1))
-    engine._runner(engine._kv_cache())  # sets the cache's kernel options, as generate does, before the graphs
-    graphs = engine.decode_graphs = DecodeGraphs(model, engine._kv_cache(), None, max_size=8, table_width=16,
-                                                 capture=False, min_capture_steps=0)
-    outputs = engine.generate(prompts, greedy(3), max_new_tokens_per_request=[3] * len(prompts))
-    assert [o.token_ids for o in outputs] == expected
-    assert plans and all(p.masked_stages == 1 for p in plans)
-    assert graphs.admitted and graphs.plan.masked_stages == 1
-    assert launched and set(launched) == {1}
-
-
 def test_exact_graph_size_through_the_kernel_matches_hf(monkeypatch):
     """A steady batch's own graph size (decode_graphs._exact_size), end to end through the real Triton kernel
     (CPU interpreter), at a scale the interpreter runs: the size rules shrunk (powers of two up to 2, then

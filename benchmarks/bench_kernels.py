@@ -247,12 +247,12 @@ DECODE_VARIANTS = [
     ("planner, TMA key loads", {"use_tma": True}),
     ("planner, TMA key loads, page ids prefetched", {"use_tma": True, "prefetch_pages": True}),
     # (session 9 timed fixed KV chunks of 512 and 1024 here: no better, results/2026-11-29-session9)
-    # The masked key loop (a decode row's last, partial block) unpipelined. compile_check.py (triton 3.9,
-    # sm_90a) puts the planner's 128-row decode configuration at 128 KiB of shared memory, so ONE program per
-    # SM runs it (W-paper's step; every GQA-8 step with groups of 16+); at 1 stage 96 KiB, two programs.
+    # The planner's 128-row decode configuration (W-paper's step; GQA-8 steps with groups of 16+) spills 888
+    # bytes of registers under the GPU's triton 3.6 (compile_check.py, session 9): 808 with the masked key
+    # loop unpipelined, 272 with 32-key blocks too, none with 8 warps (one 8-warp program per SM).
     ("planner, masked loop 1 stage", {"masked_stages": 1}),
     ("planner, masked loop 1 stage, 32-key blocks", {"masked_stages": 1, "block_n": 32}),
-    ("planner, masked loop 1 stage, TMA key loads", {"masked_stages": 1, "use_tma": True}),
+    ("planner, 8 warps", {"num_warps": 8}),
     ("CUDA-graph plan tiles, TMA key loads", {"block_m": 64, "block_m_own": 16, "use_tma": True}),
     # (session 5's and 6's tables also timed the session-3 KV-split rule, a mixed step's tiles for decode rows
     # and pages of 16: benchmarks/results/2026-11-29-session6/variants_after.txt)

@@ -43,16 +43,20 @@ the dense kernel needs 150 at 64 x 64 / 4 warps and 128 x 64 / 8 warps (254 at 1
 pieces from a scratch copy, our count drops to 173 only without both the masked loop and the split-partial
 stores, so no single piece explains it.
 
-Session 9 (the table now prints programs per SM, the smaller of shared memory's and registers' limits):
-the planner's decode configuration for 128-row prefix tiles (128 / 16 / 64 keys / 4 warps / 2 stages: the
-W-paper decode step, GQA 7 x 16 members, and GQA-8 steps with groups of 16 or more) needs 128 KiB of shared
-memory, so one program per SM: each SM works through its own items (250-key own items in W-paper's step) one
-at a time, their load latency unhidden. The grid at pages of 64 (P >= 2048) fits that, though large tiles
-also mean large groups, so it does not prove it: steps the planner gives 16-row tiles only (110 registers,
-70 KiB, three programs) reach 59-97% of copy bandwidth, 32-row 67-92%, 64-row (112 KiB, two) 12-82%, and
-128-row (one) 9-77%. With the masked loop unpipelined it takes 96 KiB (two
-programs; 292 bytes of spills instead of 408), and 64 KiB with 32-key blocks (8 bytes of spills).
-`bench_kernels.py --decode-variants` times both on the GPU (triton 3.6 there may allocate differently).
+Session 9 (the table now prints programs per SM, the smaller of shared memory's and registers' limits).
+The planner's decode configuration for 128-row prefix tiles (128 / 16 / 64 keys / 4 warps / 2 stages: the
+W-paper decode step, GQA 7 x 16 members, and GQA-8 steps with groups of 16 or more):
+- triton 3.9 (this machine's): 128 KiB of shared memory, so ONE program per SM; 96 KiB (two) with the
+  masked loop unpipelined.
+- triton 3.6, the GPU machine's (`pip install triton==3.6.0` in a CPU venv runs this file as well): 96 KiB
+  and two programs either way, but 888 bytes of register spills (808 with the masked loop unpipelined, 272
+  with 32-key blocks as well, none with 8 warps: 236 registers, one 8-warp program per SM). The 64-row
+  graph configuration spills 4 bytes there, 16-row tiles none.
+So occupancy is a triton-3.9 story; on the GPU the lead is the 128-row tiles' spills. The grid (pages of
+64, P >= 2048) is consistent with it but does not prove it, since large tiles also mean large groups:
+steps the planner gives 16-row tiles only reach 59-97% of copy bandwidth, 32-row 67-92%, 64-row 12-82%,
+128-row 9-77%. `bench_kernels.py --decode-variants` times the masked loop at 1 stage, 32-key blocks and
+8 warps on the GPU.
 """
 
 from __future__ import annotations
@@ -180,11 +184,12 @@ CONFIGS = [  # (name, (head_dim, block_m, block_m_own, block_n, num_warps, num_s
     ("prefill, masked loop 1 stage", (128, 128, 128, 32, 4, 3, False, "bf16", 8, 1)),
     ("16-row tiles only, masked loop 1 stage", (128, 16, 16, 64, 4, 2, False, "bf16", 8, 1)),
     ("16-row tiles only, 8 warps, masked loop 1 stage", (128, 16, 16, 64, 8, 2, False, "bf16", 8, 1)),
-    ("CUDA-graph plan at maxnreg 168 (3 programs / SM)", (128, 64, 16, 64, 4, 2, False, "bf16", 8, 1, 168)),
+    ("CUDA-graph plan at maxnreg 168 (3 by registers)", (128, 64, 16, 64, 4, 2, False, "bf16", 8, 1, 168)),
     # session 9: the planner's decode configuration for 128-row prefix tiles (W-paper's decode step, GQA 8
-    # with groups of 16+) needs 128 KiB, one program per SM; unpipelined masked loop: 96 KiB, two
+    # with groups of 16+): triton 3.9 128 KiB (one program per SM), triton 3.6 888 bytes of spills
     ("decode, large groups, masked loop 1 stage", (128, 128, 16, 64, 4, 2, False, "bf16", 8, 1)),
     ("decode, large groups, masked loop 1 stage, 32-key blocks", (128, 128, 16, 32, 4, 2, False, "bf16", 8, 1)),
+    ("decode, large groups, 8 warps", (128, 128, 16, 64, 8, 2, False)),
 ]
 
 SHARED_PER_SM = 227 * 1024  # an H100 / H200 SM's shared memory for its resident programs (bytes)

@@ -46,13 +46,14 @@ stores, so no single piece explains it.
 Session 9 (the table now prints programs per SM, the smaller of shared memory's and registers' limits).
 The planner's decode configuration for 128-row prefix tiles (128 / 16 / 64 keys / 4 warps / 2 stages: the
 W-paper decode step, GQA 7 x 16 members, and GQA-8 steps with groups of 16 or more):
-- triton 3.9 (this machine's): 128 KiB of shared memory, so ONE program per SM; 96 KiB (two) with the
-  masked loop unpipelined.
+- triton 3.9 (this machine's): 128 KiB of shared memory, so ONE program per SM, and 408 bytes of spills;
+  96 KiB (two programs) and 292 bytes with the masked loop unpipelined.
 - triton 3.6, the GPU machine's (`pip install triton==3.6.0` in a CPU venv runs this file as well): 96 KiB
   and two programs either way, but 888 bytes of register spills (808 with the masked loop unpipelined, 272
   with 32-key blocks as well, none with 8 warps: 236 registers, one 8-warp program per SM). The 64-row
   graph configuration spills 4 bytes there, 16-row tiles none.
-So occupancy is a triton-3.9 story; on the GPU the lead is the 128-row tiles' spills. The grid (pages of
+So the one-program occupancy is a triton-3.9 story; under both versions the 128-row tiles spill, and on the
+GPU (triton 3.6) the spills are the lead. The grid (pages of
 64, P >= 2048) is consistent with it but does not prove it, since large tiles also mean large groups:
 steps the planner gives 16-row tiles only reach 59-97% of copy bandwidth, 32-row 67-92%, 64-row 12-82%,
 128-row 9-77%. `bench_kernels.py --decode-variants` times the masked loop at 1 stage, 32-key blocks and

@@ -14,11 +14,13 @@ class EngineConfig:
     page_size:           tokens per KV page (a power of two). Group prefixes are cut to whole pages. None
                          (default): 64 on a CUDA GPU (whole 64-key blocks: the prefill attention's TMA key
                          loads), 16 elsewhere (less of a short shared prefix lost to page rounding).
-    max_batch_tokens:    token budget of one step (decode tokens + prefill chunks). Default 16384: fewer,
-                         larger prefill steps pay the per-step costs (launches, the decode tokens' attention)
-                         fewer times (session 9, H200: W-paper 9.26 s against 9.46-9.67 s at 8192, with the
-                         tail padding below); a step's activations grow with it (a 7B model's MLP holds about
-                         1.2 GB at 16384 tokens); BatchGenerator halves it after an out-of-memory error.
+    max_batch_tokens:    token budget of one step (decode tokens + prefill chunks). Default 16384 (4096 until
+                         session 9; the bench ran 8192): fewer, larger prefill steps pay the per-step costs
+                         (launches, the decode tokens' attention) fewer times (session 9, H200: W-paper 9.26 s
+                         against 9.46-9.67 s at 8192, with the tail padding below; W-8B and W-1B within run-to-run
+                         noise). A step's activations grow with it (kv_pool.step_activation_bytes: 2.1 GiB for
+                         Llama-3-8B at 16384), set aside before the KV pool is sized; BatchGenerator halves the
+                         budget after an out-of-memory error.
     num_pages:           KV pool size in pages; None sizes it from free accelerator memory (CPU: 4096).
     kv_memory_fraction:  share of the free accelerator memory given to the KV pool, after the model loaded and
                          a step of max_batch_tokens has its activations set aside (kv_pool.step_activation_bytes).
@@ -41,9 +43,9 @@ class EngineConfig:
                          of a job) pads into a captured larger size while that is at most this many times the
                          step's sequences, else runs eagerly (default 32; session 8's 2 ran W-paper's last
                          12 steps eagerly). An eager step of a 7B model is bound by the host's launches
-                         (W-paper: 25 ms, 40-53 ms in slower runs), and padding into a graph measured faster
-                         on W-paper, W-8B and W-1B alike (session 9); larger models' padded steps cost more
-                         device time.
+                         (W-paper: 25 ms, 40-53 ms in slower runs); padded into a graph, W-paper took 9.53 s
+                         against 9.66-9.70 s (session 9, one run; W-8B and W-1B within noise). Larger models'
+                         padded steps cost more device time.
     attention_backend:   "triton", "sdpa" or "reference" (kv_pool.PagedCache); None picks the fastest here.
     overlap_steps:       launch step N+1 before reading step N's tokens back (same outputs; off: one step at
                          a time, the host idle while the device runs and the other way round).

@@ -1,6 +1,6 @@
 """Engine: BatchLLM-style batch generation over an HF causal LM's own forward.
 
-    engine = Engine(model, EngineConfig(max_batch_tokens=8192))
+    engine = Engine(model, EngineConfig(max_batch_tokens=16384))
     outputs = engine.generate(prompts, GenerationConfig(max_new_tokens=64))   # list[RequestOutput]
 
 Flow: prompts -> groups (shared prefixes, clustering.py) -> Scheduler (admission, token batching, pages)
@@ -12,6 +12,7 @@ its per-step work overlaps the device's.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -86,8 +87,9 @@ class Engine:
         self._cache = self.decode_graphs = None  # the graphs hold the old pool's addresses
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
+        all_logits = "logits_to_keep" not in inspect.signature(self.model.forward).parameters  # as ModelRunner
         num_pages = pool_pages(self.model, cfg.page_size, self.model.dtype, self.model.device, cfg.kv_memory_fraction,
-                               step_tokens=cfg.max_batch_tokens)
+                               step_tokens=cfg.max_batch_tokens, all_logits=all_logits)
         if needed_pages is not None:
             num_pages = min(num_pages, needed_pages)
         self._cache = PagedCache(self.model, num_pages, cfg.page_size, cfg.attention_backend)

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.utils import logging
 
 from ..kernels import paged_attention
 from ..kernels.paged import PagedAttentionMetadata, paged_attention_reference
 from .paged_sdpa import StepShape, paged_attention_sdpa
+
+logger = logging.get_logger(__name__)
 
 
 def kv_dims(model) -> tuple[int, int, int]:
@@ -34,24 +37,39 @@ def page_bytes(model, page_size: int, dtype: torch.dtype) -> int:
     return 2 * num_layers * page_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def step_activation_bytes(model, tokens: int, dtype: torch.dtype) -> int:
-    """A rough upper estimate of one step's activations at their peak, for `tokens` packed tokens: per token
-    six hidden-sized tensors (residual, norm, q / k / v, attention output) and the MLP's gate, up and
-    activation (three intermediate-sized). A 7-8B model at 16384 tokens: about 2 GB in bf16."""
+def step_activation_bytes(model, tokens: int, dtype: torch.dtype, all_logits: bool = False) -> int:
+    """A rough estimate of one step's activations at their peak, for `tokens` packed tokens: per token six
+    hidden-sized tensors (residual, norm, q / k / v, attention output) and the MLP's gate, up and activation
+    (three intermediate-sized; a mixture of experts: those of its active experts). all_logits: the model
+    computes logits for every token (no `logits_to_keep`), vocabulary-sized each. Llama-3-8B at 16384
+    tokens: 2.1 GiB in bf16."""
     config = model.config.get_text_config()
     hidden = config.hidden_size
-    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
-    return tokens * (6 * hidden + 3 * intermediate) * torch.empty((), dtype=dtype).element_size()
+    experts = getattr(config, "num_experts_per_tok", None)
+    expert_size = getattr(config, "moe_intermediate_size", None)
+    if experts and expert_size:
+        intermediate = experts * expert_size
+    else:
+        intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_token = 6 * hidden + 3 * intermediate + (config.vocab_size if all_logits else 0)
+    return tokens * per_token * torch.empty((), dtype=dtype).element_size()
 
 
 def pool_pages(model, page_size: int, dtype: torch.dtype, device: torch.device, fraction: float,
-               step_tokens: int = 0) -> int:
+               step_tokens: int = 0, all_logits: bool = False) -> int:
     """Pages that fit in `fraction` of the free accelerator memory (after the model loaded), once a step of
-    `step_tokens` tokens has its activations set aside (step_activation_bytes); CPU: 4096."""
+    `step_tokens` tokens has its activations set aside (step_activation_bytes), but never more than half the
+    free memory: a budget too large for the GPU then fails as an out-of-memory error in its first large step
+    (BatchGenerator halves the budget and retries), not as a pool too small for any request. CPU: 4096."""
     if device.type != "cuda":
         return 4096
     free, _ = torch.cuda.mem_get_info(device)
-    free = max(0, free - step_activation_bytes(model, step_tokens, dtype))
+    activations = step_activation_bytes(model, step_tokens, dtype, all_logits)
+    if activations > free // 2:
+        logger.warning("A step of max_batch_tokens=%d needs about %.1f GiB of activations, more than half of the "
+                       "%.1f GiB free; lower max_batch_tokens if it runs out of memory.", step_tokens,
+                       activations / 2**30, free / 2**30)
+    free -= min(activations, free // 2)
     return max(1, int(free * fraction) // page_bytes(model, page_size, dtype) - 1)  # - 1: the scratch page
 
 

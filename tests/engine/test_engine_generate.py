@@ -500,7 +500,7 @@ def test_decode_graph_static_plan_holds_groups_of_one_at_a_large_gqa_ratio():
 @pytest.mark.parametrize("tma,static,fused,pad", [(False, False, False, False), (True, False, False, False),
                                                   (True, True, False, False), (None, True, False, False),
                                                   (None, False, True, False), (True, False, True, False),
-                                                  (None, True, False, True)])
+                                                  (None, True, False, 2.0), (None, True, False, 32.0)])
 def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused, pad):
     """The engine's steps through the real Triton kernel (the CPU interpreter stands in for CUDA), with and
     without TMA key loads (EngineConfig.attention_tma): pages of 64 tokens, prefixes of over two key blocks,
@@ -509,8 +509,9 @@ def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused,
     slot), run eagerly. None (the default) uses TMA in prefill tile configurations only, which these tiny
     steps never reach (tests/kernels has the planner's rule). fused: members' prefill chunks of >= 128 rows
     read their group's prefix in fused items (the planner's GPU-filling condition lowered to this scale).
-    pad: once the first decode step took size 8, later steps of 4 sequences pad into it (their own size would
-    serve too few steps), 3 sequences (8 > 2 x 3) run eagerly."""
+    pad (the tail padding): once the first decode step took size 8, later steps of 4 sequences pad into it
+    (their own size would serve too few steps); 3 sequences run eagerly at 2x (8 > 2 x 3), and pad into 8 at
+    32x, the default."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
     from batchllm_hf.kernels import attention_ops, shared_prefix_triton
@@ -544,7 +545,9 @@ def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused,
         cache = engine._kv_cache()
         cache.attention_tma = tma  # as Engine._runner sets it before it builds the graphs
         graphs = engine.decode_graphs = DecodeGraphs(model, cache, None, max_size=8, table_width=16, capture=False,
-                                                     min_capture_steps=0, tail_padding=2.0)  # the last step eager
+                                                     min_capture_steps=0, **({"tail_padding": pad} if pad == 2.0 else {}))
+        if pad == 32.0:  # the default, the engine's as the graphs'
+            assert graphs.tail_padding == EngineConfig().graph_tail_padding == 32.0
         sizes = []
         if pad:  # after the first decode step no size is worth a capture of its own
             real_run, real_static = graphs.run, graphs._run_static
@@ -559,9 +562,10 @@ def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused,
     outputs = engine.generate(prompts, greedy(4), max_new_tokens_per_request=max_new)
     assert [o.token_ids for o in outputs] == expected
     if pad:
-        assert sizes == [(8, 8), (8, 8)] and graphs.admitted == {8} and graphs.skipped == 1, (sizes, graphs.skipped)
+        padded, eager = ([(8, 8)] * 2, 1) if pad == 2.0 else ([(8, 8)] * 3, 0)
+        assert sizes == padded and graphs.admitted == {8} and graphs.skipped == eager, (sizes, graphs.skipped)
     # pad's one prefill step of 640 tokens reaches the prefill tiles, which take TMA by default
-    assert bool(descriptors) == (tma is True or (tma is None and pad))
+    assert bool(descriptors) == (tma is True or (tma is None and bool(pad)))
     assert any(p.has_fused for p in plans) == fused
     assert not static or (graphs.admitted and graphs.plan.use_tma == (tma is True)
                           and graphs.plan.num_programs == graphs.plan.items.shape[0])

@@ -249,9 +249,11 @@ DECODE_VARIANTS = [
     # (session 9 timed fixed KV chunks of 512 and 1024 here: no better, results/2026-11-29-session9)
     # The planner's 128-row decode configuration (W-paper's step; GQA-8 steps with groups of 16+) spills 888
     # bytes of registers under the GPU's triton 3.6 (compile_check.py, session 9): 808 with the masked key
-    # loop unpipelined, 272 with 32-key blocks too, none with 8 warps (one 8-warp program per SM).
+    # loop unpipelined, 272 with 32-key blocks too, none with 8 warps (one 8-warp program per SM). Each
+    # variant applies to the whole launch: own items' 16-row tiles run with 8 warps too (80 registers).
     ("planner, masked loop 1 stage", {"masked_stages": 1}),
     ("planner, masked loop 1 stage, 32-key blocks", {"masked_stages": 1, "block_n": 32}),
+    ("planner, 32-key blocks", {"block_n": 32}),  # 196 bytes of spills under triton 3.6
     ("planner, 8 warps", {"num_warps": 8}),
     ("CUDA-graph plan tiles, TMA key loads", {"block_m": 64, "block_m_own": 16, "use_tma": True}),
     # (session 5's and 6's tables also timed the session-3 KV-split rule, a mixed step's tiles for decode rows

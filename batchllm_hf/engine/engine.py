@@ -12,7 +12,6 @@ its per-step work overlaps the device's.
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ from .decode_graphs import DecodeGraphs
 from .fused_model import fused_ops
 from .grouping import build_groups
 from .kv_pool import PagedCache, pool_pages
-from .runner import ModelRunner
+from .runner import ModelRunner, keeps_logits
 from .sampling import SamplingParams, sample_tensor
 from .scheduler import Scheduler, Sequence, pages_for
 
@@ -87,9 +86,8 @@ class Engine:
         self._cache = self.decode_graphs = None  # the graphs hold the old pool's addresses
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
-        all_logits = "logits_to_keep" not in inspect.signature(self.model.forward).parameters  # as ModelRunner
         num_pages = pool_pages(self.model, cfg.page_size, self.model.dtype, self.model.device, cfg.kv_memory_fraction,
-                               step_tokens=cfg.max_batch_tokens, all_logits=all_logits)
+                               step_tokens=cfg.max_batch_tokens, all_logits=not keeps_logits(self.model))
         if needed_pages is not None:
             num_pages = min(num_pages, needed_pages)
         self._cache = PagedCache(self.model, num_pages, cfg.page_size, cfg.attention_backend)

@@ -145,13 +145,18 @@ def _remaining(seq) -> int:
     return max(1, (seq.expected_new_tokens if done < seq.expected_new_tokens else seq.max_new_tokens) - done)
 
 
+def keeps_logits(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (else it computes logits for every token)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 class ModelRunner:
     def __init__(self, model, cache: PagedCache, shared_prefix: bool):
         self.model = model
         self.cache = cache
         self.shared_prefix = shared_prefix
         self.cache_kwarg = cache_argument_name(model)
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.keeps_logits = keeps_logits(model)
         self.decode_graphs = None  # a DecodeGraphs (decode_graphs.py), set by the engine on CUDA
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,10 @@ import torch
 class EngineConfig:
     """Settings of one `Engine`.
 
-    page_size:           tokens per KV page (a power of two). Group prefixes are cut to whole pages. None
-                         (default): 64 on a CUDA GPU (whole 64-key blocks: the prefill attention's TMA key
-                         loads), 16 elsewhere (less of a short shared prefix lost to page rounding).
+    page_size:           tokens per KV page (a power of two). None (default): 64 on a CUDA GPU (whole 64-key
+                         blocks: the prefill attention's TMA key loads), 16 elsewhere. A shared prefix keeps its
+                         full length (its last page may be partial); with use_shared_prefix off, prefixes are
+                         cut to whole pages (a member reads them as the first pages of its own table).
     max_batch_tokens:    token budget of one step (decode tokens + prefill chunks). Default 16384 (4096 until
                          session 9; the bench ran 8192): fewer, larger prefill steps pay the per-step costs
                          (launches, the decode tokens' attention) fewer times (session 9, H200: W-paper 9.26 s

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..clustering import cluster_prefixes
 from .config import EngineConfig
 from .scheduler import Group, Sequence
@@ -17,17 +19,23 @@ def _usable_prefix(prefix: list[int], prompts: list[list[int]], align: int) -> i
     """Longest length <= len(prefix), a multiple of `align`, that every member shares and that leaves each
     member at least one own token (its last prompt token yields the first logits)."""
     length = min([len(prefix)] + [len(p) - 1 for p in prompts])
-    length -= length % align
-    while length and any(p[:length] != prefix[:length] for p in prompts):
-        length -= align
-    return max(0, length)
+    shared = np.asarray(prefix[:length])
+    for prompt in prompts:
+        differ = np.flatnonzero(np.asarray(prompt[:length]) != shared[:length])
+        if differ.size:
+            length = int(differ[0])
+    return max(0, length - length % align)
 
 
 def build_groups(sequences: list[Sequence], num_samples: int, config: EngineConfig) -> list[Group]:
-    """`sequences` hold num_samples consecutive samples per prompt. Prefixes of clustered groups are cut to
-    whole pages; with use_shared_prefix off every prefix is page-aligned, since a member then reads its
-    group's prefix pages as the first pages of its own page table."""
+    """`sequences` hold num_samples consecutive samples per prompt. A shared prefix keeps its full length:
+    its last page may be partial, since a member's own tokens start on pages of their own and the attention
+    reads the prefix up to its length (until session 10 prefixes were cut to whole pages, and each member
+    prefilled the cut tokens again: 16 per member on W-paper's 2000-token prefixes at pages of 64). With
+    use_shared_prefix off every prefix is cut to whole pages, since a member then reads its group's prefix
+    pages as the first pages of its own page table."""
     page = config.page_size
+    align = 1 if config.use_shared_prefix else page
     by_prompt = [sequences[i:i + num_samples] for i in range(0, len(sequences), num_samples)]
     if num_samples > 1:
         # n samples of one prompt share the whole prompt but its last token
@@ -42,8 +50,8 @@ def build_groups(sequences: list[Sequence], num_samples: int, config: EngineConf
     prompts = [samples[0].prompt for samples in by_prompt]
     min_prefix_len = config.min_prefix_len or page
     groups = []
-    for prefix, members in _prefix_groups(prompts, min_prefix_len, page):
-        length = _usable_prefix(prefix, [prompts[i] for i in members], page) if len(members) > 1 else 0
+    for prefix, members in _prefix_groups(prompts, min_prefix_len, align):
+        length = _usable_prefix(prefix, [prompts[i] for i in members], align) if len(members) > 1 else 0
         if length < min_prefix_len:
             groups += [Group([], by_prompt[i]) for i in members]
         else:

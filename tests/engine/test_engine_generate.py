@@ -35,8 +35,9 @@ def test_matches_hf_generate(kind, num_kv_heads, ratio, head_dim):
         assert out.finish_reason == ("eos" if ended else "length")
         assert ended or len(out.token_ids) == limit
     stats = engine.stats
-    assert stats.groups == 3  # prefixes 40, 21, 9 tokens -> 40, 16, 8 (whole pages of 8)
-    assert stats.physical_prompt_tokens < stats.logical_prompt_tokens
+    assert stats.groups == 3  # prefixes of 40, 21 and 9 tokens, kept whole (not cut to pages of 8)
+    # each prefix is prefilled once, at its full length: only the members' suffixes add to it
+    assert stats.logical_prompt_tokens - stats.physical_prompt_tokens == 3 * 40 + 2 * 21 + 1 * 9
     assert model.config._attn_implementation == "sdpa"  # restored after the run
 
 
@@ -503,10 +504,10 @@ def test_decode_graph_static_plan_holds_groups_of_one_at_a_large_gqa_ratio():
                                                   (None, True, False, 2.0), (None, True, False, 32.0)])
 def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused, pad):
     """The engine's steps through the real Triton kernel (the CPU interpreter stands in for CUDA), with and
-    without TMA key loads (EngineConfig.attention_tma): pages of 64 tokens, prefixes of over two key blocks,
-    so prefill and decode both run unmasked blocks; tokens equal HF generate's (fp32). static: decode steps
-    through the CUDA-graph path's static plan (allocated with the engine's TMA setting, one program per item
-    slot), run eagerly. None (the default) uses TMA in prefill tile configurations only, which these tiny
+    without TMA key loads (EngineConfig.attention_tma): pages of 64 tokens, prefixes of over two key blocks
+    that end inside a page (180 and 100 tokens), so prefill and decode both run unmasked blocks and a masked
+    prefix tail; tokens equal HF generate's (fp32). static: decode steps through the CUDA-graph path's
+    static plan (allocated with the engine's TMA setting, one program per item slot), run eagerly. None (the default) uses TMA in prefill tile configurations only, which these tiny
     steps never reach (tests/kernels has the planner's rule). fused: members' prefill chunks of >= 128 rows
     read their group's prefix in fused items (the planner's GPU-filling condition lowered to this scale).
     pad (the tail padding): once the first decode step took size 8, later steps of 4 sequences pad into it
@@ -532,7 +533,7 @@ def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused,
     real = shared_prefix_triton._pool_descriptor
     monkeypatch.setattr(shared_prefix_triton, "_pool_descriptor", lambda *a: descriptors.append(a[1]) or real(*a))
     model = tiny_model("llama", num_kv_heads=2, ratio=2, head_dim=32)
-    prompts = prompt_set(seed=5, groups=((150, 3), (70, 2)), singles=1, suffix=(60, 80))
+    prompts = prompt_set(seed=5, groups=((180, 3), (100, 2)), singles=1, suffix=(70, 90))
     max_new = [2, 2, 3, 4, 4, 4] if pad else [3] * len(prompts)
     expected = reference(model, prompts, max_new)
     # pad: one prefill step, so the first decode-only step holds all 6 sequences
@@ -564,7 +565,7 @@ def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused,
     if pad:
         padded, eager = ([(8, 8)] * 2, 1) if pad == 2.0 else ([(8, 8)] * 3, 0)
         assert sizes == padded and graphs.admitted == {8} and graphs.skipped == eager, (sizes, graphs.skipped)
-    # pad's one prefill step of 640 tokens reaches the prefill tiles, which take TMA by default
+    # pad's one prefill step of 693 tokens reaches the prefill tiles, which take TMA by default
     assert bool(descriptors) == (tma is True or (tma is None and bool(pad)))
     assert any(p.has_fused for p in plans) == fused
     assert not static or (graphs.admitted and graphs.plan.use_tma == (tma is True)
@@ -585,7 +586,7 @@ def test_exact_graph_size_through_the_kernel_matches_hf(monkeypatch):
     for name, value in (("_POWER_SIZES_UP_TO", 2), ("_SIZE_STEP", 8), ("_EXACT_MULTIPLE", 2), ("EXACT_SIZE_STEPS", 2)):
         monkeypatch.setattr(decode_graphs, name, value)
     model = tiny_model("llama", num_kv_heads=2, ratio=2, head_dim=32)
-    prompts = prompt_set(seed=5, groups=((150, 3), (70, 2)), singles=1, suffix=(60, 80))
+    prompts = prompt_set(seed=5, groups=((180, 3), (100, 2)), singles=1, suffix=(70, 90))
     max_new = [3, 4, 4, 4, 4, 4]
     expected = reference(model, prompts, max_new)
     # one prefill step (1024 tokens), so the first decode-only step holds all 6 sequences

@@ -100,7 +100,7 @@ def run_engine(model, prompts, new_tokens, engine_config: EngineConfig):
     graphs = engine.decode_graphs
     extra = {"cuda_graphs": None if graphs is None else {"enabled": graphs.enabled, "sizes": sorted(graphs.graphs),
                                                      "error": graphs.error, "setup_s": graphs.setup_seconds,
-                                                     "plan_misses": graphs.plan_misses},
+                                                     "captured_ahead": graphs.ahead, "plan_misses": graphs.plan_misses},
              "steps": s.steps, "groups": s.groups, "preemptions": s.preemptions, "num_pages": s.num_pages,
              "logical_prompt_tokens": s.logical_prompt_tokens, "physical_prompt_tokens": s.physical_prompt_tokens,
              "phase_seconds": dict(s.seconds), "kv_timeline": _thin(s.kv_timeline, 400),

@@ -50,8 +50,8 @@ def main():
                 out = engine.generate(prompts, gen)
                 if graphs:
                     g = engine.decode_graphs
-                    print(f"  graphs enabled={g.enabled} captured={sorted(g.graphs)} skipped={g.skipped} "
-                          f"error={g.error}")
+                    print(f"  graphs enabled={g.enabled} captured={sorted(g.graphs)} ahead={g.ahead} "
+                          f"skipped={g.skipped} error={g.error}")
             except Exception as error:
                 print(f"{dtype} {backend} shared={shared}: ERROR {error!r}")
                 ok = ok and dtype != torch.float32

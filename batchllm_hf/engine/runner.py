@@ -168,6 +168,18 @@ class ModelRunner:
         return logits if self.keeps_logits else logits[sample_index]
 
     @torch.inference_mode()
+    def prepare_decode_graph(self, seqs: list) -> bool:
+        """Capture ahead the CUDA graph of a coming decode step of `seqs` (in step order; DecodeGraphs.prepare)."""
+        graphs = self.decode_graphs
+        if graphs is None or not seqs:
+            return False
+        slots: dict[int, int] = {}  # groups numbered by first appearance, as build_host_step numbers them
+        seq_group = np.fromiter((slots.setdefault(id(s.group), len(slots)) if s.group.prefix and self.shared_prefix
+                                 else -1 for s in seqs), dtype=np.int64, count=len(seqs))
+        remaining = np.fromiter((_remaining(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        return graphs.prepare(seq_group, remaining)
+
+    @torch.inference_mode()
     def run(self, chunks: list[Chunk], previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """One step over the packed tokens; returns fp32 logits (N, V) at the sampled positions, without
         waiting for the device. `previous_tokens`: the last launched step's sampled tokens (device), which

@@ -262,6 +262,14 @@ class Scheduler:
         running = set(self.running)
         return [c for c in chunks if isinstance(c.seq, Group) or c.seq in running]
 
+    def decode_batch_ahead(self) -> list[Sequence] | None:
+        """The sequences of the decode-only step to come once the admitted prompts are prefilled (every
+        running one not finishing, in schedule()'s group order), or None while groups still wait for
+        admission (the batch is not known yet)."""
+        if self.open or self.groups:
+            return None
+        return self._by_group([s for s in self.running if not s.closing])
+
     @staticmethod
     def _prefix_ready(seq: Sequence, chunks: list[Chunk]) -> bool:
         group = seq.group

@@ -183,6 +183,37 @@ def test_decode_graph_static_buffers_match(shared, backend):
     assert graphs.admitted and not graphs.skipped  # min_capture_steps=0: every decode step took the static path
 
 
+@pytest.mark.parametrize("backend", [None, "triton"])
+def test_decode_graph_size_is_taken_ahead_during_prefill(backend):
+    """After launching a prefill step with every request admitted, the engine hands the coming decode batch
+    to DecodeGraphs.prepare (on a GPU: the capture then hides behind the queued prefill). Its groups, as
+    numbered for the static plan's tiles, are the first decode-only step's; the size is taken before that
+    step, which then just uses it. capture=False: the static path runs eagerly (CPU)."""
+    from batchllm_hf.engine.decode_graphs import DecodeGraphs
+
+    model = tiny_model("llama", num_kv_heads=2, ratio=2)
+    prompts = prompt_set(seed=17)
+    engine = Engine(model, EngineConfig(page_size=4, max_batch_tokens=16, num_pages=256, attention_backend=backend))
+    graphs = DecodeGraphs(model, engine._kv_cache(), None, max_size=16, table_width=64, capture=False,
+                          min_capture_steps=3)
+    engine.decode_graphs = graphs
+    events = []
+    prepare, run = graphs.prepare, graphs.run
+    graphs.prepare = lambda seq_group, remaining: events.append(
+        ("prepare", seq_group.tolist(), prepare(seq_group, remaining), set(graphs.admitted))) or events[-1][2]
+    graphs.run = lambda ids, pos, step, host, remaining=None: events.append(
+        ("run", host.seq_group.tolist(), remaining is None)) or run(ids, pos, step, host, remaining)
+    outputs = engine.generate(prompts, greedy(8))
+    assert [o.token_ids for o in outputs] == reference(model, prompts, [8] * len(prompts))
+    first_run = next(i for i, e in enumerate(events) if e[0] == "run")
+    taken = [e for e in events[:first_run] if e[0] == "prepare" and e[2]]
+    assert len(taken) == 1 and taken[0][3] == {16}  # 12 sequences: size 16, admitted ahead
+    assert taken[0][1] == events[first_run][1]  # the predicted groups are the first decode step's
+    assert sorted(set(taken[0][1])) == [-1, 0, 1, 2]  # three groups and the ungrouped prompts
+    assert events[first_run][2]  # the step found its size taken: no capture decision left to make
+    assert graphs.admitted == {16} and not graphs.skipped
+
+
 def test_decode_graph_sizes_follow_max_graph_batch():
     from batchllm_hf.engine.decode_graphs import DecodeGraphs
 

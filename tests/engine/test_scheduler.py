@@ -197,3 +197,30 @@ def test_advance_then_complete_drops_results_of_a_finished_sequence():
     assert s.schedule() == []
     assert s.complete(records_3, [8]) == [group.members[1]]
     assert group.members[1].output == [7, 7, 8] and s.done and s.pages_in_use() == (0, 0)
+
+
+@pytest.mark.parametrize("num_pages", [1000, 70])
+def test_decode_batch_ahead_is_the_next_decode_only_step(num_pages):
+    """The batch the engine captures a graph for ahead of time: unknown while groups wait for admission
+    (70 pages hold two of the three groups), then the sequences, in order, of the next decode-only step,
+    but for those that finish before it (the last group's prefill outlasts some earlier members)."""
+    s = Scheduler(num_pages=num_pages, page_size=4, max_batch_tokens=12)
+    for g in range(3):
+        s.add_group(make_group(8, [4, 6, 5], 30, g * 3))
+    steps = []  # (the step's sequences if decode-only else None, the prediction made after it)
+    while not s.done:
+        chunks = s.schedule()
+        s.update(chunks, [7] * sum(c.sample for c in chunks))
+        ahead = s.decode_batch_ahead()
+        decode_only = all(c.length == 1 and c.sample for c in chunks)
+        steps.append(([c.seq.index for c in chunks] if decode_only else None,
+                      None if ahead is None else [q.index for q in ahead]))
+    known = [i for i, (_, ahead) in enumerate(steps) if ahead is not None]
+    assert (known[0] == 0) == (num_pages == 1000)
+    following = next(decode for decode, _ in steps[known[0] + 1:] if decode is not None)
+    predicted = steps[known[0]][1]
+    assert [i for i in predicted if i in following] == following
+    if num_pages == 1000:
+        assert predicted == following and sorted(following) == list(range(9))
+    else:
+        assert len(following) < len(predicted)

@@ -247,14 +247,9 @@ DECODE_VARIANTS = [
     ("planner, TMA key loads", {"use_tma": True}),
     ("planner, TMA key loads, page ids prefetched", {"use_tma": True, "prefetch_pages": True}),
     # (session 9 timed fixed KV chunks of 512 and 1024 here: no better, results/2026-11-29-session9)
-    # The planner's 128-row decode configuration (W-paper's step; GQA-8 steps with groups of 16+) spills 888
-    # bytes of registers under the GPU's triton 3.6 (compile_check.py, session 9): 808 with the masked key
-    # loop unpipelined, 272 with 32-key blocks too, none with 8 warps (one 8-warp program per SM). Each
-    # variant applies to the whole launch: own items' 16-row tiles run with 8 warps too (80 registers).
-    ("planner, masked loop 1 stage", {"masked_stages": 1}),
-    ("planner, masked loop 1 stage, 32-key blocks", {"masked_stages": 1, "block_n": 32}),
-    ("planner, 32-key blocks", {"block_n": 32}),  # 196 bytes of spills under triton 3.6
-    ("planner, 8 warps", {"num_warps": 8}),
+    # (session 10 timed the spill-free or less-spilling variants of the 128-row decode configuration: the
+    # masked loop at 1 stage, 32-key blocks, both, 8 warps. All slower on the 128-row steps, e.g. W-paper's
+    # 270 / 296 / 303 / 361 us against the planner's 252: results/2026-11-30-session10, compile_check.py)
     ("CUDA-graph plan tiles, TMA key loads", {"block_m": 64, "block_m_own": 16, "use_tma": True}),
     # (session 5's and 6's tables also timed the session-3 KV-split rule, a mixed step's tiles for decode rows
     # and pages of 16: benchmarks/results/2026-11-29-session6/variants_after.txt)

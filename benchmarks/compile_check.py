@@ -58,6 +58,11 @@ GPU (triton 3.6) the spills are the lead. The grid (pages of
 steps the planner gives 16-row tiles only reach 59-97% of copy bandwidth, 32-row 67-92%, 64-row 12-82%,
 128-row 9-77%. `bench_kernels.py --decode-variants` times the masked loop at 1 stage, 32-key blocks and
 8 warps on the GPU.
+
+Session 10 timed them (benchmarks/results/2026-11-30-session10/call1_decode_variants): every one is slower
+than the spilling planner configuration on the 128-row steps. W-paper's step: 252 us planner, 270 masked
+loop at 1 stage, 296 32-key blocks, 303 both, 361 8 warps. So the spills are not what holds those steps
+back, and the variants were retired from the bench.
 """
 
 from __future__ import annotations

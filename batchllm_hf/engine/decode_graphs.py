@@ -273,17 +273,19 @@ class DecodeGraphs:
         if not self.enabled or n == 0 or n > self.sizes[-1]:
             return False
         b = self.size_for(n)
+        if self.capture and b not in self.graphs:
+            # the warm-up's activations, logits and the graph's pool come on top of the steps in flight (checked
+            # at the size before _exact_size, which may only shrink it and adds it to the sizes)
+            vocab = self.model.config.get_text_config().vocab_size
+            need = 2 * (step_activation_bytes(self.model, b, self.model.dtype) + 4 * b * vocab)
+            if torch.cuda.mem_get_info(self.model.device)[0] < need:
+                return False
         if b not in self.admitted:
             b = self._exact_size(n, b, remaining)
         if b in self.graphs or (b in self.admitted and not self.capture):
             return False
         if b not in self.admitted and self.expected_steps(n, remaining) < self.min_capture_steps:
             return False
-        if self.capture:  # the warm-up's activations, logits and the graph's pool come on top of the steps in flight
-            vocab = self.model.config.get_text_config().vocab_size
-            need = 2 * (step_activation_bytes(self.model, b, self.model.dtype) + 4 * b * vocab)
-            if torch.cuda.mem_get_info(self.model.device)[0] < need:
-                return False
         start = time.perf_counter()
         try:
             if b not in self.admitted:
@@ -292,18 +294,32 @@ class DecodeGraphs:
                     self.plans[b] = self._plan_for(seq_group)
             if not self.capture:
                 return True
-            self._reset_padding(0, b)
-            if self.plan is not None:
-                plan_attention(np.arange(b + 1), np.ones(b, dtype=np.int64), np.full(b, -1, dtype=np.int64),
-                               np.zeros(0, dtype=np.int64), *self.cache.num_heads, self.model.device,
-                               buffers=self.plans[b])
-            self._capture(b, self._step(b, None), ahead=True)
-        except Exception as error:
+            self._capture(b, self._check_step(b), ahead=True)
+        except Exception as error:  # graphs off for this engine, as in run (a failed capture is not retried)
             self._turn_off(error)
             return False
         self.setup_seconds += time.perf_counter() - start
         self.ahead += 1
         return True
+
+    def _check_step(self, b: int) -> Step:
+        """Padding inputs for an ahead capture's warm-up and check replay (they write the scratch page only),
+        with the first half of the rows in one group whose prefix is the scratch page's first token, so the
+        check runs prefix tiles and the merge as well as own tiles. Every row holds one token that is not the
+        pad token (whose embedding may be zeros, and zeros would pass any check); one token, since every row
+        writes its KV to the same scratch slot."""
+        self._reset_padding(0, b)
+        self.input_ids[0, :b] = 2 if self.model.config.get_text_config().pad_token_id == 1 else 1
+        half = b // 2
+        self.seq_group[:half] = 0
+        self.prefix_pages[0, 0] = self.cache.scratch_page
+        self.prefix_lens[0] = 1
+        if self.plan is not None:
+            seq_group = np.full(b, -1, dtype=np.int64)
+            seq_group[:half] = 0
+            plan_attention(np.arange(b + 1), np.ones(b, dtype=np.int64), seq_group, np.ones(1, dtype=np.int64),
+                           *self.cache.num_heads, self.model.device, buffers=self.plans[b])
+        return self._step(b, None)
 
     def _capture(self, b: int, static: Step, ahead: bool = False) -> None:
         """Capture size b's graph. The eager warm-up first (lazy initializations happen outside the capture;

@@ -199,14 +199,15 @@ class Engine:
                     records = scheduler.advance(chunks)
                     flight = (records, *_to_host(tokens))
                     t3 = time.perf_counter()
+                    if inflight is not None:
+                        complete(inflight)
                     if runner.decode_graphs is not None and any(not c.sample or c.length > 1 for c in chunks):
-                        # the device is busy with prefill: capture the coming decode batch's graph meanwhile
-                        # (its host time is in decode_graphs.setup_seconds)
+                        # the device is busy with this prefill step: capture the coming decode batch's graph
+                        # meanwhile (its host time is in decode_graphs.setup_seconds), after the last step's
+                        # tokens are in, so the sequences they finished are not counted
                         batch = scheduler.decode_batch_ahead()
                         if batch:
                             runner.prepare_decode_graph(batch)
-                    if inflight is not None:
-                        complete(inflight)
                     inflight, previous_tokens = flight, tokens
                     if not overlap:
                         complete(inflight)

@@ -264,11 +264,11 @@ class Scheduler:
 
     def decode_batch_ahead(self) -> list[Sequence] | None:
         """The sequences of the decode-only step to come once the admitted prompts are prefilled (every
-        running one not finishing, in schedule()'s group order), or None while groups still wait for
-        admission (the batch is not known yet)."""
+        running one not finishing: not closing, and not ending at its first token), in schedule()'s group
+        order; None while groups still wait for admission (the batch is not known yet)."""
         if self.open or self.groups:
             return None
-        return self._by_group([s for s in self.running if not s.closing])
+        return self._by_group([s for s in self.running if not s.closing and (s.output or s.max_new_tokens > 1)])
 
     @staticmethod
     def _prefix_ready(seq: Sequence, chunks: list[Chunk]) -> bool:

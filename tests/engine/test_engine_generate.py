@@ -512,6 +512,39 @@ def test_decode_graph_static_plan_takes_a_w_paper_step_and_a_long_single_sequenc
     assert int(plan.num_parts[0]) > 8  # the long sequence was split across programs
 
 
+@pytest.mark.parametrize("kernel", [False, True])
+def test_ahead_capture_check_step_runs_prefix_tiles_and_the_merge(monkeypatch, kernel):
+    """An ahead capture's warm-up and check replay run on padding inputs, half of them in one group whose
+    prefix is the scratch page's first token: every row sees the same key (once or twice), so every row's
+    logits are the same, and the static plan (prefix tiles of the size's predicted groups) holds the step.
+    kernel: through the Triton kernel (CPU interpreter) instead of the torch reference."""
+    import numpy as np
+
+    from batchllm_hf.engine.decode_graphs import DecodeGraphs
+    from batchllm_hf.engine.engine import ATTN_IMPLEMENTATION
+
+    if kernel:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        pytest.importorskip("triton")
+        from batchllm_hf.kernels import attention_ops
+
+        monkeypatch.setattr(attention_ops, "use_triton", lambda q: True)
+    model = tiny_model("qwen2", num_kv_heads=2, ratio=7, head_dim=16)
+    engine = Engine(model, EngineConfig(page_size=4, num_pages=64, attention_backend="triton"))
+    runner = engine._runner(engine._kv_cache())
+    graphs = DecodeGraphs(model, runner.cache, runner.forward, max_size=64, table_width=8, capture=False)
+    seq_group = np.repeat(np.arange(3), 16)  # 48 sequences in 3 groups of 16: size 64
+    assert graphs.prepare(seq_group, np.full(48, 50)) and graphs.admitted == {64}
+    step = graphs._check_step(64)
+    assert graphs.seq_group[:32].eq(0).all() and graphs.seq_group[32:].eq(-1).all()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)  # as Engine.generate does for its run
+    with torch.no_grad():
+        logits = graphs._run_static(64, step).float()
+    model.set_attn_implementation("sdpa")
+    assert torch.isfinite(logits).all() and logits.std() > 0
+    torch.testing.assert_close(logits, logits[:1].expand_as(logits), rtol=0, atol=1e-4)
+
+
 def test_decode_graph_static_plan_holds_groups_of_one_at_a_large_gqa_ratio():
     # GQA ratio 64: a decode row set of one token is 64 rows, so 4 own tiles of 16 rows plus a 64-row prefix
     # tile per sequence and KV head, unsplit; the 1024 graph's static plan must take such a step.
@@ -593,6 +626,8 @@ def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused,
             graphs._run_static = lambda b, step: sizes.append((b, step.meta.own_lens.shape[0])) or real_static(b, step)
     outputs = engine.generate(prompts, greedy(4), max_new_tokens_per_request=max_new)
     assert [o.token_ids for o in outputs] == expected
+    stats = engine.stats  # the prefixes are computed once each, at full length: 180 x 3 members, 100 x 2
+    assert stats.logical_prompt_tokens - stats.physical_prompt_tokens == 2 * 180 + 1 * 100
     if pad:
         padded, eager = ([(8, 8)] * 2, 1) if pad == 2.0 else ([(8, 8)] * 3, 0)
         assert sizes == padded and graphs.admitted == {8} and graphs.skipped == eager, (sizes, graphs.skipped)

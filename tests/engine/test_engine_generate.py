@@ -1,5 +1,6 @@
 """The engine against plain HF generate (sdpa), token for token, per prompt (CPU, fp32, greedy)."""
 
+import contextlib
 import random
 
 import pytest
@@ -543,6 +544,42 @@ def test_ahead_capture_check_step_runs_prefix_tiles_and_the_merge(monkeypatch, k
     model.set_attn_implementation("sdpa")
     assert torch.isfinite(logits).all() and logits.std() > 0
     torch.testing.assert_close(logits, logits[:1].expand_as(logits), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("agrees", [True, False])
+def test_ahead_capture_check_result_is_read_at_first_use(monkeypatch, agrees):
+    """The capture=True path of an ahead capture on the CPU, with a stand-in for the CUDA graph (its replay
+    runs the static step eagerly) and for the check's pinned flag: a check that agreed lets the size's first
+    decode step use the graph; one that disagreed turns graphs off, and that step runs eagerly. Either way
+    the tokens equal HF generate's."""
+    from types import SimpleNamespace
+
+    from batchllm_hf.engine import decode_graphs
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *args: (1 << 40, 1 << 40))
+
+    def capture(self, b, static, ahead=False):  # later sizes (the shrinking tail) are captured at first use
+        eager = self._run_static(b, static)
+        logits = eager.clone()
+        graph = SimpleNamespace(replay=lambda: logits.copy_(self._run_static(b, self._step(b, None))))
+        check = (torch.tensor(agrees), SimpleNamespace(synchronize=lambda: None)) if ahead else eager
+        self.graphs[b] = (graph, logits, check)
+
+    monkeypatch.setattr(decode_graphs.DecodeGraphs, "_capture", capture)
+    model = tiny_model("llama", num_kv_heads=2, ratio=2)
+    prompts = prompt_set(seed=19)
+    engine = Engine(model, EngineConfig(page_size=4, max_batch_tokens=16, num_pages=256, attention_backend="triton"))
+    graphs = decode_graphs.DecodeGraphs(model, engine._kv_cache(), None, max_size=16, table_width=64, capture=True,
+                                        min_capture_steps=3)
+    engine.decode_graphs = graphs
+    with pytest.warns(UserWarning, match="differs from eager") if not agrees else contextlib.nullcontext():
+        outputs = engine.generate(prompts, greedy(8))
+    assert [o.token_ids for o in outputs] == reference(model, prompts, [8] * len(prompts))
+    assert graphs.ahead == 1 and graphs.setup_seconds > 0
+    if agrees:
+        assert graphs.enabled and graphs.graphs[16][2] is None  # checked once, at the first use
+    else:
+        assert not graphs.enabled and not graphs.graphs and "differs from eager" in graphs.error
 
 
 def test_decode_graph_static_plan_holds_groups_of_one_at_a_large_gqa_ratio():

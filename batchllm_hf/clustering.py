@@ -81,7 +81,7 @@ class PrefixPlan:
         return self.tokens[s + prefix_len:s + self.lengths[request]]
 
 
-def cluster_prefixes(prompts, min_prefix_len=16, min_group_size=2, align=1, max_group_size=None):
+def cluster_prefixes(prompts, min_prefix_len=16, min_group_size=2, align=1, max_group_size=None, flat=None):
     """Group prompts by shared prefix so each prefix is prefilled once (BatchLLM stage 1).
 
     prompts: sequence of 1-D integer token-id sequences (lists, numpy arrays, torch tensors).
@@ -101,6 +101,8 @@ def cluster_prefixes(prompts, min_prefix_len=16, min_group_size=2, align=1, max_
     max_group_size: groups larger than this are split (in sorted order, so each part may share a
         longer prefix) into near-equal parts, to bound the memory of a group running together.
         Default None: no limit; the scheduler decides.
+    flat: (tokens, lengths) of these prompts as `flatten_prompts` returns them, for a caller that already
+        made them (the engine checks token ids on them); None: made here.
     The grouping is exact (maximum saved tokens) for any min_prefix_len and align with
     min_group_size=2 and max_group_size=None; the other two options post-process that optimum.
     Returns a PrefixPlan. Cost: vectorised numpy over the tokens that prompts share with their
@@ -116,7 +118,7 @@ def cluster_prefixes(prompts, min_prefix_len=16, min_group_size=2, align=1, max_
             max_group_size, (int, np.integer)) or max_group_size < min_group_size):
         raise ValueError(f"max_group_size must be None or an integer >= min_group_size "
                          f"({min_group_size}), got {max_group_size!r}")
-    tokens, lengths = _flatten(prompts)
+    tokens, lengths = _flatten(prompts) if flat is None else flat
     n = len(lengths)
     starts = np.zeros(n, dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
@@ -133,6 +135,12 @@ def cluster_prefixes(prompts, min_prefix_len=16, min_group_size=2, align=1, max_
     label = _split_groups(group_node, gain, hq, min_group_size, max_group_size, align,
                           min_prefix_len)
     return _plan(tokens, starts, lengths, order, label, int(lengths.sum() - lcp.sum()))
+
+
+def flatten_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, lengths): every prompt's token ids in one 1-D integer array (int32 where they fit, else
+    int64), and each prompt's length. Raises ValueError for a prompt that is empty, not 1-D or not integers."""
+    return _flatten(prompts)
 
 
 def _flatten(prompts):

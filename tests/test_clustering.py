@@ -357,3 +357,17 @@ def test_module_does_not_import_torch():
         imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom) and node.module}
         assert "torch" not in imported
+
+
+def test_flattened_prompts_given_once_give_the_same_plan():
+    from batchllm_hf.clustering import flatten_prompts
+
+    rng = np.random.default_rng(5)
+    shared = [list(rng.integers(0, 50, 30)) for _ in range(3)]
+    prompts = [shared[i % 3][:20 + i % 7] + list(rng.integers(0, 50, 5)) for i in range(40)]
+    tokens, lengths = flatten_prompts(prompts)
+    assert tokens.tolist() == [t for p in prompts for t in p] and lengths.tolist() == [len(p) for p in prompts]
+    plain, given = (cluster_prefixes(prompts, min_prefix_len=4, **kw) for kw in ({}, {"flat": (tokens, lengths)}))
+    assert [(g.prefix.tolist(), g.members.tolist()) for g in given.groups] == [
+        (g.prefix.tolist(), g.members.tolist()) for g in plain.groups]
+    assert given.stats == plain.stats

@@ -15,10 +15,12 @@ import copy
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers import GenerationConfig
 
 from ..attention import ATTN_IMPLEMENTATION
+from ..clustering import flatten_prompts
 from ..validation import check_model_supported
 from .config import EngineConfig
 from .decode_graphs import DecodeGraphs
@@ -119,7 +121,7 @@ class Engine:
             gen.eos_token_id = getattr(self.model.generation_config, "eos_token_id", None)
         params = SamplingParams.from_generation_config(gen, stop_token_ids)
         n = int(gen.num_return_sequences or 1)
-        _check_prompts(prompts, self.model.config.get_text_config().vocab_size)
+        flat = _check_prompts(prompts, self.model.config.get_text_config().vocab_size)
         count = len(prompts)
         max_new = _per_request(max_new_tokens_per_request, count, gen.max_new_tokens, "max_new_tokens_per_request")
         if gen.max_new_tokens is None and max_new_tokens_per_request is None:
@@ -134,7 +136,7 @@ class Engine:
             for i in range(count) for j in range(n)
         ]
         seed_of = [seeds[s.index // n] if seeds[s.index // n] is not None else s.index // n for s in sequences]
-        groups = build_groups(sequences, n, cfg)
+        groups = build_groups(sequences, n, cfg, flat)
         cache = self._kv_cache(sum(pages_for(len(g.prefix), cfg.page_size)
                                    + sum(pages_for(len(s.prompt) - len(g.prefix) + s.max_new_tokens, cfg.page_size)
                                          for s in g.members) for g in groups))
@@ -245,12 +247,17 @@ def _per_request(values, count: int, default, name: str) -> list:
     return values
 
 
-def _check_prompts(prompts, vocab_size: int) -> None:
+def _check_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raises ValueError for prompts that are not non-empty lists of token ids in [0, vocab_size); returns their
+    (tokens, lengths) (clustering.flatten_prompts), which the clustering reuses."""
     if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)):
         raise ValueError("prompts must be a list of token id lists (one per request), e.g. tokenizer(texts).input_ids.")
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"Prompt {i} is empty: every prompt needs at least one token.")
-        low, high = min(prompt), max(prompt)
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"Prompt {i} holds {low if low < 0 else high}, not a token id in [0, {vocab_size}).")
+    tokens, lengths = flatten_prompts(prompts)
+    bad = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
+    if bad.size:
+        i = int(np.searchsorted(np.cumsum(lengths), bad[0], side="right"))
+        raise ValueError(f"Prompt {i} holds {int(tokens[bad[0]])}, not a token id in [0, {vocab_size}).")
+    return tokens, lengths

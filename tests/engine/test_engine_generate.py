@@ -116,6 +116,10 @@ def test_rejects_bad_input():
         engine.generate([[5, 6], []], greedy(2))
     with pytest.raises(ValueError, match="token id"):
         engine.generate([[5, 999]], greedy(2))
+    with pytest.raises(ValueError, match=r"Prompt 2 holds -1, not a token id in \[0, "):
+        engine.generate([[5, 6], [7], [8, 9, -1, 999]], greedy(2))
+    with pytest.raises(ValueError, match="integers"):
+        engine.generate([[5, 6.5]], greedy(2))
     with pytest.raises(ValueError, match="KV pages"):
         engine.generate([[5] * 40], greedy(2))
     with pytest.raises(TypeError):

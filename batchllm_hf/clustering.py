@@ -118,7 +118,7 @@ def cluster_prefixes(prompts, min_prefix_len=16, min_group_size=2, align=1, max_
             max_group_size, (int, np.integer)) or max_group_size < min_group_size):
         raise ValueError(f"max_group_size must be None or an integer >= min_group_size "
                          f"({min_group_size}), got {max_group_size!r}")
-    tokens, lengths = _flatten(prompts) if flat is None else flat
+    tokens, lengths = flatten_prompts(prompts) if flat is None else flat
     n = len(lengths)
     starts = np.zeros(n, dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
@@ -140,10 +140,6 @@ def cluster_prefixes(prompts, min_prefix_len=16, min_group_size=2, align=1, max_
 def flatten_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, lengths): every prompt's token ids in one 1-D integer array (int32 where they fit, else
     int64), and each prompt's length. Raises ValueError for a prompt that is empty, not 1-D or not integers."""
-    return _flatten(prompts)
-
-
-def _flatten(prompts):
     arrays = list(map(np.asarray, prompts))
     lengths = np.fromiter(map(attrgetter("size"), arrays), dtype=np.int64, count=len(arrays))
     bad = np.flatnonzero(np.fromiter(map(attrgetter("ndim"), arrays), np.int64, len(arrays)) != 1)

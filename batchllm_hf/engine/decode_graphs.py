@@ -25,7 +25,7 @@ bucket: a later batch in the same bucket pads into it or into the bucket's own s
 Captures ahead (`prepare`): once every request is admitted, the engine asks, after launching a prefill
 step, for the graph of the decode batch to come (all running sequences). That capture runs while the
 device still works through the queued prefill steps: no synchronize, the warm-up and a check replay on
-all-padding inputs (they touch the scratch page only). A capture at the first decode step instead makes
+padding inputs (they touch the scratch page only; `_check_step`). A capture at the first decode step instead makes
 the device wait for it (session 9: 0.14 s of W-paper's 9.3 s, 0.08 s of W-8B's 3.0 s).
 
 Safety net: the first replay of each size is checked against the eager warm-up forward that precedes
@@ -83,7 +83,9 @@ class DecodeGraphs:
         self.plan_misses = 0  # decode steps that ran eagerly because they did not fit the static plan
         self.setup_seconds = 0.0  # host time spent capturing graphs and checking their first replays
         self.ahead = 0  # sizes captured ahead of their first decode step (prepare)
-        self.graphs: dict[int, tuple] = {}  # size -> (graph, its logits, the eager warm-up's logits or None)
+        # size -> (graph, its logits, its first replay's check: the eager warm-up's logits, or for a size
+        # captured ahead the check's (pinned flag, event), or None once checked)
+        self.graphs: dict[int, tuple] = {}
         self.plans: dict = {}  # size -> its static plan (shared buffers, the size's own tiles)
         b, device, i32 = max_size, model.device, torch.int32
         self.input_ids = torch.zeros((1, b), dtype=torch.long, device=device)

@@ -24,7 +24,7 @@ def _usable_prefix(prefix: list[int], prompts: list[list[int]], align: int) -> i
     for prompt in prompts:  # list comparison first: the clustering's prefix is normally shared whole
         head = prompt[:length]
         if (head if isinstance(head, list) else list(head)) != shared:
-            length = int(np.flatnonzero(np.asarray(prompt[:length]) != np.asarray(shared))[0])
+            length = int(np.flatnonzero(np.asarray(head) != np.asarray(shared))[0])
             shared = shared[:length]
     return max(0, length - length % align)
 

@@ -181,9 +181,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """One step over the packed tokens; returns fp32 logits (N, V) at the sampled positions, without
-        waiting for the device. `previous_tokens`: the last launched step's sampled tokens (device), which
-        this step reads where its tokens are still PENDING."""
+        """One step over the packed tokens; returns logits (N, V) in the model's dtype at the sampled positions
+        (sampling widens them to fp32 where it computes on them), without waiting for the device.
+        `previous_tokens`: the last launched step's sampled tokens (device), which this step reads where its
+        tokens are still PENDING."""
         host = build_host_step(chunks, self.cache.page_size, self.shared_prefix)
         input_ids, position_ids, step, sample_index = to_device(host, self.cache.page_size, self.model.device,
                                                                 previous_tokens)
@@ -194,13 +195,13 @@ class ModelRunner:
                 (_remaining(c.seq) for c in chunks), dtype=np.int64, count=len(chunks))
             logits = graphs.run(input_ids, position_ids, step, host, remaining)
             if logits is not None:
-                return logits.float()
+                return logits
         if self.cache.backend == "triton":
             step.plan = plan_attention(host.q_starts, host.own_lens, host.seq_group, host.prefix_lens,
                                        *self.cache.num_heads, self.model.device,
                                        use_tma=self.cache.attention_tma, page_size=self.cache.page_size)
         self.cache.step = step
         try:
-            return self.forward(input_ids, position_ids, sample_index).float()
+            return self.forward(input_ids, position_ids, sample_index)
         finally:
             self.cache.step = None

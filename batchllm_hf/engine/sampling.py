@@ -100,9 +100,13 @@ def _ban_mask(banned: tuple[int, ...], vocab_size: int, device: torch.device) ->
 def sample_tensor(logits: torch.Tensor, params: SamplingParams, *, seeds: list[int], keys: list[int],
                   positions: list[int], num_generated: list[int],
                   histories: list[list[int]] | None) -> torch.Tensor:
-    """logits (N, V) fp32 -> (N,) int64 token ids on logits' device, without waiting for the device
-    (except with a repetition penalty). `histories` (prompt + output per row) only if penalized."""
+    """logits (N, V) -> (N,) int64 token ids on logits' device, without waiting for the device (except with a
+    repetition penalty). `histories` (prompt + output per row) only if penalized. Greedy picks on the logits
+    as given (the argmax of bf16 logits is the argmax of their exact fp32 widening, first index on ties);
+    penalties and sampling compute in fp32, as HF generate does."""
     device = logits.device
+    if params.do_sample or params.repetition_penalty != 1.0:
+        logits = logits.float()
     if params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, histories, params.repetition_penalty)
     banned = sorted(params.eos_ids | params.stop_ids)

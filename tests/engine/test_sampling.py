@@ -34,6 +34,23 @@ def test_gumbel_sampling_follows_the_distribution():
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
 
 
+def test_half_precision_logits_sample_as_their_fp32_widening():
+    # the runner hands logits over in the model's dtype: greedy picks on them directly (ties included: bf16
+    # logits of this spread tie often), penalties and sampling widen them first
+    g = torch.Generator().manual_seed(11)
+    logits = (torch.randn(1024, 300, generator=g) * 3).to(torch.bfloat16)
+    logits[:, 7] = torch.cat([logits[:, :7], logits[:, 8:]], dim=1).max(dim=-1).values  # a tie in every row
+    assert (logits == logits.max(dim=-1, keepdim=True).values).sum(dim=-1).min() >= 2
+    rows = dict(seeds=list(range(1024)), keys=[0] * 1024, positions=[9] * 1024, num_generated=[0, 5] * 512)
+    for params in (SamplingParams(), SamplingParams(eos_ids=frozenset({7}), min_new_tokens=3),
+                   SamplingParams(do_sample=True, temperature=0.7, top_k=20),
+                   SamplingParams(repetition_penalty=1.3)):
+        histories = [[7, 8, i % 300] for i in range(1024)] if params.repetition_penalty != 1.0 else None
+        half = sample(logits, params, histories=histories, **rows)
+        assert half == sample(logits.float(), params, histories=histories, **rows)
+    assert sample(logits, SamplingParams(), histories=None, **rows) == logits.float().argmax(dim=-1).tolist()
+
+
 def test_top_k_top_p_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_top_k_top_p(logits, 2, None)[0, 2:]).all()

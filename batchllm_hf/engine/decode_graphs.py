@@ -314,8 +314,8 @@ class DecodeGraphs:
         self.input_ids[0, :b] = 2 if self.model.config.get_text_config().pad_token_id == 1 else 1
         half = b // 2
         self.seq_group[:half] = 0
-        # fill_ on one-element slices: indexing one element with a Python int copies a host scalar, which
-        # synchronizes (session 11: the device sat idle through the first ahead capture, 82 ms on W-paper)
+        # fill_ on one-element slices: writing a Python int into one element copies a host scalar, which
+        # synchronizes (session 11's sync-debug run found these two); a capture ahead must not wait
         self.prefix_pages[0, :1].fill_(self.cache.scratch_page)
         self.prefix_lens[:1].fill_(1)
         if self.plan is not None:

@@ -10,8 +10,12 @@ layers:
   halves  : the same work as two halves of 400 rows, one after the other on one stream;
   streams : the two halves on two streams, offset so one half's attention can run beside the other's
             matmuls (no dependency between the streams; within a stream the order is a layer's).
+  streams, N SMs for attention: as `streams`, with cuBLAS told to leave N SMs free
+            (torch._C._set_sm_carveout_experimental) and the attention launched as 4 * N programs that loop
+            over its items (a static plan, as in CUDA graphs), so the two can share the GPU.
 If `streams` is well under `full`, splitting decode steps into two overlapped halves is worth building;
 if it is near `halves`, the GPU does not run the two kernels side by side and it is not.
+Session 11 (one H200): streams 24.86 ms, halves 24.90, full 22.48 (the SM-split rows were added after it).
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from batchllm_hf.kernels import paged_attention, plan_paged_attention
 HIDDEN, INTER, HQ, HKV, D, LAYERS = 3584, 18944, 28, 4, 128, 28
 
 
-def make_attention(groups: int, members: int, prefix: int, own: int, seed: int):
-    """One decode step's inputs in the paged layout (pages of 64) and a closure that runs the kernel."""
-    from bench_kernels import make_step
+def make_attention(groups: int, members: int, prefix: int, own: int, seed: int, programs: int | None = None):
+    """One decode step's inputs in the paged layout (pages of 64) and a closure that runs the kernel
+    (`programs`: that many programs looping over a static plan's items, else the per-step plan)."""
+    from bench_kernels import _static_plan, make_step
 
     q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, HQ // HKV, num_kv_heads=HKV,
                                           page_size=64, seed=seed)
-    plan = plan_paged_attention(meta, HQ, HKV, D)
+    plan = plan_paged_attention(meta, HQ, HKV, D) if programs is None else _static_plan(meta, q, HKV, programs)
     out = torch.empty_like(q)
     return lambda: paged_attention(q, k_cache, v_cache, meta, D ** -0.5, out=out, plan=plan)
 
@@ -102,12 +107,43 @@ def main():
         for s in streams:
             main_stream.wait_stream(s)
 
+    def split(free_sms: int):
+        attention = [make_attention(25, 16, 2000, 250, seed=1 + h, programs=4 * free_sms) for h in (0, 1)]
+
+        def run():
+            main_stream = torch.cuda.current_stream()
+            for s in streams:
+                s.wait_stream(main_stream)
+            with torch.cuda.stream(streams[0]):
+                for _ in range(LAYERS):
+                    half_mm[0]()
+                    attention[0]()
+            with torch.cuda.stream(streams[1]):
+                for _ in range(LAYERS):
+                    attention[1]()
+                    half_mm[1]()
+            for s in streams:
+                main_stream.wait_stream(s)
+        return run, attention[0]
+
     parts = {"matmuls M=800": lambda: [full_mm() for _ in range(LAYERS)],
              "attention 800 rows": lambda: [full_attn() for _ in range(LAYERS)],
              "matmuls M=400": lambda: [half_mm[0]() for _ in range(LAYERS)],
              "attention 400 rows": lambda: [half_attn[0]() for _ in range(LAYERS)]}
     results = {name: timed(fn) for name, fn in parts.items()}
     results.update({"full": timed(full), "halves": timed(halves), "streams": timed(two_streams)})
+    for free_sms in (16, 32, 48):
+        run, attention = split(free_sms)
+        results[f"attention 400 rows, {4 * free_sms} programs"] = timed(lambda: [attention() for _ in range(LAYERS)])
+        try:
+            torch._C._set_sm_carveout_experimental(free_sms)
+            results[f"matmuls M=400, {free_sms} SMs left free"] = timed(
+                lambda: [half_mm[0]() for _ in range(LAYERS)])
+            results[f"streams, {free_sms} SMs for attention"] = timed(run)
+        except Exception as error:  # noqa: BLE001 - a torch without the carveout: report, go on
+            print(f"carveout {free_sms}: {error!r}")
+        finally:
+            torch._C._set_sm_carveout_experimental(None)
     with open(os.path.join(args.out, "overlap_probe.json"), "w") as f:
         json.dump(results, f, indent=1)
     print("| variant (28 layers of W-paper's decode step) | ms | vs full |")

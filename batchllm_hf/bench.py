@@ -7,7 +7,8 @@ block sharing on and off), this engine, and its ablations (clustering off, share
 decode-first off, memory budget off = admission capped at 64 running requests, CUDA graphs off, step overlap
 off; each warmed up with a full untimed run first). Each run: wall time,
 output and total tokens/s, ratio to the roofline lower bound (ceilings measured at the start of the run),
-peak GPU memory. Writes results.json, results.md, results.png (if matplotlib imports) and
+peak GPU memory; a run shorter than --repeat-under seconds (default 1) runs again until its runs add up to
+that (at most 9), and its time is their median. Writes results.json, results.md, results.png (if matplotlib imports) and
 kv_timeline.png (the engine's KV pages over time, prefix vs own). Greedy, eos ignored
 (min_new_tokens = max_new_tokens) so every engine does the same work.
 """
@@ -18,6 +19,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -194,6 +196,21 @@ def _timed(device, fn):
     return seconds, out_tokens, peak, {**extra, "host_probe": probe.report}
 
 
+def _timed_runs(device, fn, repeat_under: float, max_runs: int = 9):
+    """`_timed`, run again while the runs so far add up to less than `repeat_under` seconds (at most
+    `max_runs`): a run of a quarter second moves by tens of percent between runs. Returns the median
+    seconds, the last run's output tokens, the highest peak, and the last run's extra with every run's time."""
+    times, peaks = [], []
+    while True:
+        seconds, out_tokens, peak, extra = _timed(device, fn)
+        times.append(seconds)
+        peaks.append(peak)
+        if sum(times) >= repeat_under or len(times) >= max_runs:
+            break
+    peak = None if peaks[0] is None else max(peaks)
+    return statistics.median(times), out_tokens, peak, {**extra, "runs_seconds": times}
+
+
 def bench_workload(w, args, ceilings, device, log, all_results):
     prompts, shared = make_prompts(w)
     model = build_model(w.model, device)
@@ -240,7 +257,7 @@ def bench_workload(w, args, ceilings, device, log, all_results):
         try:
             if name in warmups:
                 warmups[name]()
-            seconds, out_tokens, peak, extra = _timed(device, fn)
+            seconds, out_tokens, peak, extra = _timed_runs(device, fn, args.repeat_under)
         except Exception as error:  # a failing baseline must not lose the other results
             results["runs"][name] = {"error": f"{type(error).__name__}: {error}"[:500]}
             log(f"{w.name} {name}: FAILED {error}")
@@ -250,7 +267,8 @@ def bench_workload(w, args, ceilings, device, log, all_results):
             "total_tokens_per_s": (out_tokens + prompt_tokens) / seconds,
             "x_lower_bound": seconds / bound["lower_bound_s"], "peak_gpu_gib": peak, **extra}
         write_reports(all_results, ceilings, args.out)  # after each run: partial results survive a time limit
-        log(f"{w.name} {name}: {seconds:.2f} s, {out_tokens / seconds:,.0f} out tok/s, "
+        runs_note = f" (median of {len(extra['runs_seconds'])} runs)" if len(extra["runs_seconds"]) > 1 else ""
+        log(f"{w.name} {name}: {seconds:.2f} s{runs_note}, {out_tokens / seconds:,.0f} out tok/s, "
             f"{seconds / bound['lower_bound_s']:.1f}x bound, peak {peak} GiB, host probe {extra['host_probe']}")
     del model
     _free(device)
@@ -321,8 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention-backend", choices=["triton", "sdpa", "reference"], default=None)
     parser.add_argument("--warmup", choices=["full", "small"], default="full",
                         help="untimed engine run before timing: the whole workload (default) or 16 prompts")
+    parser.add_argument("--repeat-under", type=float, default=1.0,
+                        help="seconds: a shorter run is repeated until its runs add up to this (at most 9) and "
+                             "reported as their median; 0 runs everything once")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model and workloads")
     args = parser.parse_args(argv)
+    if args.repeat_under < 0:
+        parser.error(f"--repeat-under must be >= 0, got {args.repeat_under}")
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:

@@ -1,15 +1,20 @@
 """The bench's CPU dry run writes its reports; the roofline follows workloads.md's formula."""
 
 import json
+import statistics
+import time
 
 from transformers import LlamaConfig
 
-from batchllm_hf.bench import main
+import pytest
+
+from batchllm_hf.bench import _timed_runs, main
 from batchllm_hf.bench_workloads import WORKLOADS, make_prompts, roofline
 
 
 def test_bench_dry_run_writes_reports(tmp_path):
     assert main(["--tiny", "--workloads", "W-1B", "--skip-generate-batch", "--page-size", "16", "--warmup", "small",
+                 "--repeat-under", "0.05",
                  "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     runs = data["workloads"][0]["runs"]
@@ -28,6 +33,34 @@ def test_bench_dry_run_writes_reports(tmp_path):
     assert "| W-1B | batchllm |" in (tmp_path / "results.md").read_text()
     assert all(set(r["host_probe"]) == {"gc_collections", "gc_seconds", "triton_compiles", "pinned"}
                for r in runs.values())
+    assert all(r["seconds"] == statistics.median(r["runs_seconds"]) for r in runs.values())
+
+
+def test_short_runs_are_repeated_and_reported_as_their_median():
+    durations = iter([0.05, 0.01, 0.03, 0.2, 0.02, 0.02])
+    calls = []
+
+    def fake_run():
+        calls.append(1)
+        time.sleep(next(durations))
+        return 7, {"kv_timeline": [len(calls)]}
+
+    seconds, tokens, peak, extra = _timed_runs("cpu", fake_run, repeat_under=0.15)
+    # 0.05 + 0.01 + 0.03 < 0.15, then 0.2 ends it: four runs, median of (0.01, 0.03, 0.05, 0.2) = 0.04
+    assert len(calls) == 4 and len(extra["runs_seconds"]) == 4
+    assert seconds == pytest.approx(0.04, abs=0.012) and tokens == 7 and peak is None
+    assert extra["kv_timeline"] == [4]  # the last run's details
+    calls.clear()
+    _timed_runs("cpu", lambda: (calls.append(1), (1, {}))[1], repeat_under=10.0, max_runs=3)
+    assert len(calls) == 3
+    calls.clear()
+    _timed_runs("cpu", lambda: (calls.append(1), (1, {}))[1], repeat_under=0.0)
+    assert len(calls) == 1
+
+
+def test_repeat_under_must_not_be_negative(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--workloads", "W-1B", "--repeat-under", "-1", "--out", str(tmp_path)])
 
 
 def test_host_probe_counts_collections_and_compiles(monkeypatch):

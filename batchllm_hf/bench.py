@@ -199,16 +199,25 @@ def _timed(device, fn):
 def _timed_runs(device, fn, repeat_under: float, max_runs: int = 9):
     """`_timed`, run again while the runs so far add up to less than `repeat_under` seconds (at most
     `max_runs`): a run of a quarter second moves by tens of percent between runs. Returns the median
-    seconds, the last run's output tokens, the highest peak, and the last run's extra with every run's time."""
-    times, peaks = [], []
+    seconds, the last run's output tokens, the highest peak, and the last run's extra with every run's time
+    and host probe. A repeat that fails keeps the runs before it (its error under "repeat_error")."""
+    times, peaks, probes = [], [], []
     while True:
-        seconds, out_tokens, peak, extra = _timed(device, fn)
+        try:
+            seconds, out_tokens, peak, extra = _timed(device, fn)
+        except Exception as error:
+            if not times:
+                raise
+            last["repeat_error"] = f"{type(error).__name__}: {error}"[:500]
+            break
+        last = extra
         times.append(seconds)
         peaks.append(peak)
+        probes.append(extra["host_probe"])
         if sum(times) >= repeat_under or len(times) >= max_runs:
             break
     peak = None if peaks[0] is None else max(peaks)
-    return statistics.median(times), out_tokens, peak, {**extra, "runs_seconds": times}
+    return statistics.median(times), out_tokens, peak, {**last, "runs_seconds": times, "runs_host_probe": probes}
 
 
 def bench_workload(w, args, ceilings, device, log, all_results):

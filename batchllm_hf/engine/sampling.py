@@ -97,15 +97,19 @@ def _ban_mask(banned: tuple[int, ...], vocab_size: int, device: torch.device) ->
     return ban.to(device)
 
 
+_EXACT_IN_FP32 = (torch.bfloat16, torch.float16, torch.float32)  # dtypes whose argmax equals their fp32 widening's
+
+
 def sample_tensor(logits: torch.Tensor, params: SamplingParams, *, seeds: list[int], keys: list[int],
                   positions: list[int], num_generated: list[int],
                   histories: list[list[int]] | None) -> torch.Tensor:
     """logits (N, V) -> (N,) int64 token ids on logits' device, without waiting for the device (except with a
     repetition penalty). `histories` (prompt + output per row) only if penalized. Greedy picks on the logits
-    as given (the argmax of bf16 logits is the argmax of their exact fp32 widening, first index on ties);
-    penalties and sampling compute in fp32, as HF generate does."""
+    as given when they are bf16, fp16 or fp32 (the argmax of half-precision logits is the argmax of their
+    exact fp32 widening, first index on ties); fp64 logits are rounded to fp32 first, as HF generate rounds
+    them (which can make ties). Penalties and sampling compute in fp32, as HF generate does."""
     device = logits.device
-    if params.do_sample or params.repetition_penalty != 1.0:
+    if params.do_sample or params.repetition_penalty != 1.0 or logits.dtype not in _EXACT_IN_FP32:
         logits = logits.float()
     if params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, histories, params.repetition_penalty)

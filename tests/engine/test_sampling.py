@@ -49,6 +49,13 @@ def test_half_precision_logits_sample_as_their_fp32_widening():
         half = sample(logits, params, histories=histories, **rows)
         assert half == sample(logits.float(), params, histories=histories, **rows)
     assert sample(logits, SamplingParams(), histories=None, **rows) == logits.float().argmax(dim=-1).tolist()
+    # a penalty computed in bf16 would round 1.0 / 1.3 up to a tie with 0.7695 and pick token 0; fp32 picks 1
+    one = dict(seeds=[0], keys=[0], positions=[0], num_generated=[0])
+    tie = torch.tensor([[1.0, 0.76953125]], dtype=torch.bfloat16)
+    assert sample(tie, SamplingParams(repetition_penalty=1.3), histories=[[0]], **one) == [1]
+    # fp64 logits are rounded to fp32 as HF generate rounds them: the near-tie becomes a tie, first index wins
+    near = torch.tensor([[1.0, 1.0 + 1e-12, 0.5]], dtype=torch.float64)
+    assert sample(near, SamplingParams(), histories=None, **one) == [0]
 
 
 def test_top_k_top_p_filters():

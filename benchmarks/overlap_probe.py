@@ -92,49 +92,33 @@ def main():
                 half_mm[h]()
                 half_attn[h]()
 
-    def two_streams():
-        main_stream = torch.cuda.current_stream()
-        for s in streams:
-            s.wait_stream(main_stream)
-        with torch.cuda.stream(streams[0]):  # half 0: matmuls then attention, layer after layer
-            for _ in range(LAYERS):
-                half_mm[0]()
-                half_attn[0]()
-        with torch.cuda.stream(streams[1]):  # half 1: attention first, so it starts beside half 0's matmuls
-            for _ in range(LAYERS):
-                half_attn[1]()
-                half_mm[1]()
-        for s in streams:
-            main_stream.wait_stream(s)
-
-    def split(free_sms: int):
-        attention = [make_attention(25, 16, 2000, 250, seed=1 + h, programs=4 * free_sms) for h in (0, 1)]
-
+    def two_streams(attention):
         def run():
             main_stream = torch.cuda.current_stream()
             for s in streams:
                 s.wait_stream(main_stream)
-            with torch.cuda.stream(streams[0]):
+            with torch.cuda.stream(streams[0]):  # half 0: matmuls then attention, layer after layer
                 for _ in range(LAYERS):
                     half_mm[0]()
                     attention[0]()
-            with torch.cuda.stream(streams[1]):
+            with torch.cuda.stream(streams[1]):  # half 1: attention first, so it starts beside half 0's matmuls
                 for _ in range(LAYERS):
                     attention[1]()
                     half_mm[1]()
             for s in streams:
                 main_stream.wait_stream(s)
-        return run, attention[0]
+        return run
 
     parts = {"matmuls M=800": lambda: [full_mm() for _ in range(LAYERS)],
              "attention 800 rows": lambda: [full_attn() for _ in range(LAYERS)],
              "matmuls M=400": lambda: [half_mm[0]() for _ in range(LAYERS)],
              "attention 400 rows": lambda: [half_attn[0]() for _ in range(LAYERS)]}
     results = {name: timed(fn) for name, fn in parts.items()}
-    results.update({"full": timed(full), "halves": timed(halves), "streams": timed(two_streams)})
+    results.update({"full": timed(full), "halves": timed(halves), "streams": timed(two_streams(half_attn))})
     for free_sms in (16, 32, 48):
-        run, attention = split(free_sms)
-        results[f"attention 400 rows, {4 * free_sms} programs"] = timed(lambda: [attention() for _ in range(LAYERS)])
+        attention = [make_attention(25, 16, 2000, 250, seed=1 + h, programs=4 * free_sms) for h in (0, 1)]
+        run = two_streams(attention)
+        results[f"attention 400 rows, {4 * free_sms} programs"] = timed(lambda: [attention[0]() for _ in range(LAYERS)])
         try:
             torch._C._set_sm_carveout_experimental(free_sms)
             results[f"matmuls M=400, {free_sms} SMs left free"] = timed(

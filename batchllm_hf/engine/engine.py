@@ -252,10 +252,7 @@ def _check_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     (tokens, lengths) (clustering.flatten_prompts), which the clustering reuses."""
     if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)):
         raise ValueError("prompts must be a list of token id lists (one per request), e.g. tokenizer(texts).input_ids.")
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"Prompt {i} is empty: every prompt needs at least one token.")
-    tokens, lengths = flatten_prompts(prompts)
+    tokens, lengths = flatten_prompts(prompts)  # refuses empty, non-1-D and non-integer prompts
     bad = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
     if bad.size:
         i = int(np.searchsorted(np.cumsum(lengths), bad[0], side="right"))

@@ -8,8 +8,9 @@ finishes. Policies (BatchLLM, arXiv 2412.03594, sec. 4):
   by KV pages, not by a request count. A member reserves pages for its prompt + expected new tokens
   (max_new_tokens unless a hint says less); a group that does not fit whole is admitted member by member,
   its remaining members waiting at the head of the queue.
-- steps: every running sequence's decode token first, then prefill chunks (a group's prefix, then its
-  members' suffixes) under the token budget.
+- steps: every running sequence's decode token first, then prefill chunks under the token budget, group by
+  group in admission order (a group's prefix, then its members' suffixes, then the next group's), so
+  decode-first's first groups start decoding while later groups still prefill.
 - pages are allocated as KV grows; if a sequence outgrows its reservation and no page is free, the most
   recently admitted member is preempted: its own pages are freed and it is recomputed later (prompt +
   tokens generated so far), its group's prefix stays.
@@ -242,25 +243,38 @@ class Scheduler:
                     budget -= 1
         decodes = [s for s in decodes if s.running]  # a later _grow may have preempted an earlier one
         chunks = [Chunk(s, s.num_computed, 1, True) for s in self._by_group(decodes)]
-        for group in self.prefilling:
-            if budget <= 0:
-                break
-            n = min(budget, len(group.prefix) - group.num_computed)
-            chunks.append(Chunk(group, group.num_computed, n, False))
-            budget -= n
+        # Prefill group by group, in admission order: a group's prefix, then its members' suffixes, then the
+        # next group's. The group admitted first (decode-first: the most decode-heavy) then starts decoding
+        # while later groups still prefill, instead of waiting behind every admitted group's prefix.
+        prefilling = set(map(id, self.prefilling))
         for seq in self.running:
             if budget <= 0:
                 break
+            if id(seq.group) in prefilling:
+                prefilling.discard(id(seq.group))
+                budget = self._prefix_chunk(seq.group, budget, chunks)
             pending = seq.num_own_tokens - seq.num_computed
-            if seq.output and pending == 1 or not self._prefix_ready(seq, chunks):
+            if budget <= 0 or seq.output and pending == 1 or not self._prefix_ready(seq, chunks):
                 continue
             n = min(budget, pending)
             if not self._grow(seq, seq.num_computed + n):
                 break
             chunks.append(Chunk(seq, seq.num_computed, n, seq.num_computed + n == seq.num_own_tokens))
             budget -= n
+        for group in self.prefilling:  # prefixes not reached above (no member running, or a full pool)
+            if budget <= 0:
+                break
+            if id(group) in prefilling:
+                budget = self._prefix_chunk(group, budget, chunks)
         running = set(self.running)
         return [c for c in chunks if isinstance(c.seq, Group) or c.seq in running]
+
+    @staticmethod
+    def _prefix_chunk(group: Group, budget: int, chunks: list[Chunk]) -> int:
+        """Append the next chunk of `group`'s prefix that fits `budget`; return the budget left."""
+        n = min(budget, len(group.prefix) - group.num_computed)
+        chunks.append(Chunk(group, group.num_computed, n, False))
+        return budget - n
 
     def decode_batch_ahead(self) -> list[Sequence] | None:
         """The sequences of the decode-only step to come once the admitted prompts are prefilled (every

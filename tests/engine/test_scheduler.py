@@ -96,6 +96,35 @@ def test_decode_first_orders_groups_by_decode_to_prefill_ratio():
     assert prefill_heavy.decode_ratio() < single.decode_ratio() < decode_heavy.decode_ratio()
 
 
+def test_prefill_runs_group_by_group_so_the_first_group_decodes_early():
+    """A step's prefill chunks go group by group in admission order (prefix, its members' suffixes, then the
+    next group's prefix), so with decode-first the decode-heavy group decodes while the prefill-heavy
+    group's long prefix is still being prefilled, not after it."""
+    for decode_first in (True, False):
+        s = Scheduler(num_pages=200, page_size=4, max_batch_tokens=16, decode_first=decode_first)
+        prefill_heavy = make_group(64, [8, 8], 2, 0)
+        decode_heavy = make_group(8, [2, 2], 20, 2)
+        s.add_group(prefill_heavy)
+        s.add_group(decode_heavy)
+        first = s.schedule()
+        order = [(c.seq is prefill_heavy or c.seq is decode_heavy, c.length) for c in first]
+        assert sum(length for _, length in order) == 16
+        if decode_first:  # the decode-heavy group whole (prefix 8, suffixes 2 + 2), then 4 prefix tokens
+            assert [c.seq for c in first] == [decode_heavy, *decode_heavy.members, prefill_heavy]
+            assert [c.length for c in first] == [8, 2, 2, 4]
+        else:  # the prefill-heavy prefix takes the whole budget
+            assert [c.seq for c in first] == [prefill_heavy] and first[0].length == 16
+        s.update(first, [7] * sum(c.sample for c in first))
+        decoded_at = None
+        while not s.done:
+            chunks = s.schedule()
+            if decoded_at is None and any(c.seq in decode_heavy.members and c.seq.output for c in chunks):
+                decoded_at = prefill_heavy.num_computed  # prefix tokens of the other group done by then
+            s.update(chunks, [7] * sum(c.sample for c in chunks))
+        assert (decoded_at < 64) == decode_first, (decode_first, decoded_at)
+        assert [len(m.output) for m in prefill_heavy.members + decode_heavy.members] == [2, 2, 20, 20]
+
+
 def test_admission_bounded_by_pages_and_by_max_num_seqs():
     def peak_running(**kwargs):
         s = Scheduler(page_size=4, max_batch_tokens=1000, **kwargs)
@@ -217,12 +246,13 @@ def test_decode_batch_ahead_is_the_next_decode_only_step(num_pages):
             s.complete(inflight, [7] * len(inflight))
             inflight = None
             continue
+        # decode-only: every chunk a generated token's (a prompt's last token alone in a chunk is prefill)
+        decode_only = all(not isinstance(c.seq, Group) and c.seq.output and c.length == 1 for c in chunks)
         records = s.advance(chunks)
         if inflight is not None:
             s.complete(inflight, [7] * len(inflight))
         inflight = records
         ahead = s.decode_batch_ahead()
-        decode_only = all(c.length == 1 and c.sample for c in chunks)
         steps.append(([c.seq.index for c in chunks] if decode_only else None,
                       None if ahead is None else [q.index for q in ahead]))
     known = [i for i, (_, ahead) in enumerate(steps) if ahead is not None]

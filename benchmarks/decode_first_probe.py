@@ -86,7 +86,10 @@ def measured_seconds(model, prompts, outputs, budget: int, pages: int | None, de
     from batchllm_hf.engine import Engine, EngineConfig
 
     config = EngineConfig(max_batch_tokens=budget, num_pages=pages, decode_first=decode_first)
-    gen = GenerationConfig(max_new_tokens=max(outputs), do_sample=False, eos_token_id=None, pad_token_id=0)
+    # eos masked for every request's whole length (min_new_tokens), as the bench does: the model's default eos
+    # (Llama's 2) would otherwise end random-weight outputs early
+    gen = GenerationConfig(max_new_tokens=max(outputs), min_new_tokens=max(outputs), do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
 
     def once():
         engine = Engine(model, config)

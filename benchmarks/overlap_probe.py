@@ -15,7 +15,8 @@ layers:
             over its items (a static plan, as in CUDA graphs), so the two can share the GPU.
 If `streams` is well under `full`, splitting decode steps into two overlapped halves is worth building;
 if it is near `halves`, the GPU does not run the two kernels side by side and it is not.
-Session 11 (one H200): streams 24.86 ms, halves 24.90, full 22.48 (the SM-split rows were added after it).
+Session 11 (one H200): streams 24.86 ms, halves 24.90, full 22.48. Session 12: full 22.20, streams with 16 / 32 / 48
+SMs for attention 33.18 / 28.00 / 27.22 (the matmuls took as long with the carveout as without: it freed no SMs).
 """
 
 from __future__ import annotations

@@ -27,7 +27,10 @@ class EngineConfig:
                          a step of max_batch_tokens has its activations set aside (kv_pool.step_activation_bytes).
     max_num_seqs:        cap on running requests; None = admission bounded by KV memory alone (BatchLLM's
                          memory-centric batching). Setting it is the "memory budget off" ablation.
-    decode_first:        admit groups with the largest expected-decode / prefill ratio first.
+    decode_first:        admit (and prefill) groups with the largest expected-decode / prefill ratio first, so
+                         their decode steps run beside later groups' prefill: 2-6% on a mixed workload whose
+                         prefill spans many steps, nothing where every request decodes as long
+                         (benchmarks/decode_first_probe.py, session 12).
     use_shared_prefix:   store and read a group's prefix once (off: each request runs its whole prompt).
     cluster:             group prompts by shared prefix (off: every prompt is a group of one).
     min_prefix_len:      shortest prefix worth a group (tokens); None = one page.

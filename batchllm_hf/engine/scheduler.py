@@ -13,7 +13,8 @@ finishes. Policies (BatchLLM, arXiv 2412.03594, sec. 4):
   decode-first's first groups start decoding while later groups still prefill.
 - pages are allocated as KV grows; if a sequence outgrows its reservation and no page is free, the most
   recently admitted member is preempted: its own pages are freed and it is recomputed later (prompt +
-  tokens generated so far), its group's prefix stays.
+  tokens generated so far), its group's prefix stays. Only when no other sequence runs is the prefix of a
+  group with no running member freed too (prefilled again when the group is readmitted).
 
 A step's result is recorded in two halves so the engine can schedule step N+1 while step N still runs on
 the device: `advance(chunks)` when step N is launched (KV counted as computed; each sampled token enters
@@ -192,6 +193,10 @@ class Scheduler:
                 cost += need
                 taken.append(seq)
             if not taken:
+                # nothing runs, so nothing will free pages: free an idle group's prefix for the head of the queue
+                if not self.running and self._evict_idle_prefix(group):
+                    available = self.allocator.num_free - self._outstanding()
+                    continue
                 return
             available -= cost
             if not group.admitted:
@@ -214,9 +219,10 @@ class Scheduler:
         need = pages_for(num_tokens, self.page_size) - len(seq.pages)
         while need > self.allocator.num_free:
             victim = next((s for s in reversed(self.running) if s is not seq), None)
-            if victim is None:
+            if victim is not None:
+                self._preempt(victim)
+            elif not self._evict_idle_prefix(seq.group):
                 return False
-            self._preempt(victim)
         if need > 0:
             seq.pages += self.allocator.allocate(need)
         return True
@@ -228,6 +234,23 @@ class Scheduler:
         if seq.group not in self.open:
             self.open.appendleft(seq.group)
         self.num_preemptions += 1
+
+    def _evict_idle_prefix(self, keep: Group) -> bool:
+        """The last resort when no running sequence is left to preempt (or none runs, and the head of the
+        admission queue does not fit): free the prefix pages of a group other than `keep` none of whose
+        members runs, which then waits to be admitted and prefilled again. Without it, a member that outgrows
+        its reservation (a hint below max_new_tokens) could wait forever on pages that such a group holds."""
+        for group in self.open:
+            if group is not keep and group.pages and not any(s.running for s in group.members):
+                self.allocator.free(group.pages)
+                group.pages, group.num_computed, group.admitted = [], 0, False
+                self.open.remove(group)
+                if group in self.prefilling:
+                    self.prefilling.remove(group)
+                self.groups.insert(0, group)
+                self.num_preemptions += 1
+                return True
+        return False
 
     # ---- one step ----------------------------------------------------------------------------------
     def schedule(self) -> list[Chunk]:
@@ -266,8 +289,8 @@ class Scheduler:
                 break
             if id(group) in prefilling:
                 budget = self._prefix_chunk(group, budget, chunks)
-        running = set(self.running)
-        return [c for c in chunks if isinstance(c.seq, Group) or c.seq in running]
+        running = set(self.running)  # a later _grow may have preempted a sequence or evicted a prefix
+        return [c for c in chunks if (c.seq.admitted if isinstance(c.seq, Group) else c.seq in running)]
 
     @staticmethod
     def _prefix_chunk(group: Group, budget: int, chunks: list[Chunk]) -> int:

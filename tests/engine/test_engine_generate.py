@@ -69,6 +69,30 @@ def test_tiny_pool_admits_in_turns_and_preempts():
     assert engine.stats.kv_timeline[-1][1:3] == (0, 0)
 
 
+def test_idle_prefix_evicted_and_prefilled_again_matches_hf(monkeypatch):
+    """A request that outgrows its hint in a pool of 14 pages, beside a group of two whose prefix (40 tokens)
+    waits with no member running: the scheduler frees that prefix (it used to stall and the engine raised
+    "KV pool is too small") and prefills it again later; tokens still equal HF generate's."""
+    from batchllm_hf.engine import scheduler
+
+    evicted = []
+    original = scheduler.Scheduler._evict_idle_prefix
+    monkeypatch.setattr(scheduler.Scheduler, "_evict_idle_prefix",
+                        lambda self, keep: evicted.append(original(self, keep)) or evicted[-1])
+    model = tiny_model("llama", num_kv_heads=2, ratio=2)
+    rng = random.Random(3)
+    prefix = [rng.randrange(1, 200) for _ in range(40)]
+    prompts = [[rng.randrange(1, 200) for _ in range(4)], prefix + [rng.randrange(1, 200) for _ in range(4)],
+               prefix + [rng.randrange(1, 200) for _ in range(5)]]
+    max_new = [20, 5, 5]
+    engine = Engine(model, EngineConfig(page_size=4, max_batch_tokens=3, num_pages=14))
+    outputs = engine.generate(prompts, greedy(20), max_new_tokens_per_request=max_new, expected_new_tokens=[1, 1, 1])
+    assert [o.token_ids for o in outputs] == reference(model, prompts, max_new)
+    assert True in evicted and engine.stats.preemptions >= 2
+    # the prefix was computed more than once: more prompt tokens than the 53 a single prefill of it takes
+    assert engine.stats.physical_prompt_tokens > sum(map(len, prompts)) - len(prefix)
+
+
 def test_eos_and_stop_tokens():
     model = tiny_model("llama")
     prompts = prompt_set(seed=7)

@@ -170,6 +170,41 @@ def test_preemption_recomputes_and_keeps_the_prefix():
     assert s.allocator.num_free == 8
 
 
+@pytest.mark.parametrize("b_new_tokens", [1, 5])
+def test_idle_prefix_is_freed_when_nothing_else_can_be_preempted(b_new_tokens):
+    """A request that outgrows its hint (expected 1 of 20 tokens) in a small pool, beside a group whose only
+    member was preempted: once no running sequence is left to preempt, the idle group's prefix pages are
+    freed (and prefilled again later) instead of the scheduler stalling with nothing to run."""
+    a = Group([], [Sequence(index=0, prompt=[1] * 4, max_new_tokens=20, expected_new_tokens=1)])
+    prefix = [2] * 40
+    b = Group(prefix, [Sequence(index=1, prompt=prefix + [3] * 4, max_new_tokens=b_new_tokens, expected_new_tokens=1)])
+    s = Scheduler(num_pages=14, page_size=4, max_batch_tokens=3)
+    s.add_group(a)
+    s.add_group(b)
+    prefix_chunks = []
+    run(s, lambda sched, chunks: prefix_chunks.extend(c.start for c in chunks if c.seq is b))
+    assert [len(m.output) for m in a.members + b.members] == [20, b_new_tokens]
+    assert s.num_preemptions >= 2 and prefix_chunks.count(0) == 2  # b's prefix was prefilled twice
+    assert s.allocator.num_free == 14 and not b.pages
+
+
+def test_idle_prefix_is_freed_for_the_head_of_the_admission_queue():
+    """Nothing runs and the preempted request at the head of the queue needs more pages than are free, while
+    a group whose members wait holds its prefix pages: that prefix is freed so the queue moves."""
+    long = Group([], [Sequence(index=0, prompt=[1] * 10, max_new_tokens=12, expected_new_tokens=2)])
+    prefix = [2] * 21
+    shared = Group(prefix, [Sequence(index=1, prompt=prefix + [3] * 6, max_new_tokens=2, expected_new_tokens=2),
+                            Sequence(index=2, prompt=prefix + [3] * 7, max_new_tokens=6, expected_new_tokens=2)])
+    others = [Group([], [Sequence(index=3, prompt=[4] * 2, max_new_tokens=8, expected_new_tokens=3)]),
+              Group([], [Sequence(index=4, prompt=[5] * 2, max_new_tokens=4, expected_new_tokens=2)])]
+    s = Scheduler(num_pages=11, page_size=4, max_batch_tokens=4)
+    for group in (others[0], shared, others[1], long):
+        s.add_group(group)
+    run(s)
+    assert [len(q.output) for g in (long, shared, *others) for q in g.members] == [12, 2, 6, 8, 4]
+    assert s.allocator.num_free == 11
+
+
 def test_request_larger_than_pool_is_refused():
     s = Scheduler(num_pages=4, page_size=4, max_batch_tokens=100)
     with pytest.raises(ValueError, match="KV pages"):

@@ -28,9 +28,10 @@ class EngineConfig:
     max_num_seqs:        cap on running requests; None = admission bounded by KV memory alone (BatchLLM's
                          memory-centric batching). Setting it is the "memory budget off" ablation.
     decode_first:        admit (and prefill) groups with the largest expected-decode / prefill ratio first, so
-                         their decode steps run beside later groups' prefill: 2-6% on a mixed workload whose
-                         prefill spans many steps, nothing where every request decodes as long
-                         (benchmarks/decode_first_probe.py, session 12).
+                         their decode steps run beside later groups' prefill. On a mixed workload (session 12,
+                         benchmarks/decode_first_probe.py): 3.5-5.7% faster at a 2048-token budget, 1.7% with a
+                         pool a quarter of the job's size, about nothing at the defaults or where every request
+                         decodes as long.
     use_shared_prefix:   store and read a group's prefix once (off: each request runs its whole prompt).
     cluster:             group prompts by shared prefix (off: every prompt is a group of one).
     min_prefix_len:      shortest prefix worth a group (tokens); None = one page.

@@ -13,8 +13,9 @@ finishes. Policies (BatchLLM, arXiv 2412.03594, sec. 4):
   decode-first's first groups start decoding while later groups still prefill.
 - pages are allocated as KV grows; if a sequence outgrows its reservation and no page is free, the most
   recently admitted member is preempted: its own pages are freed and it is recomputed later (prompt +
-  tokens generated so far), its group's prefix stays. Only when no other sequence runs is the prefix of a
-  group with no running member freed too (prefilled again when the group is readmitted).
+  tokens generated so far), its group's prefix stays. Only when no other sequence runs (to grow one, or
+  because the head of the admission queue does not fit) is the prefix of a group with no running member
+  freed too, and prefilled again when the group is readmitted (counted in num_preemptions).
 
 A step's result is recorded in two halves so the engine can schedule step N+1 while step N still runs on
 the device: `advance(chunks)` when step N is launched (KV counted as computed; each sampled token enters
@@ -254,7 +255,8 @@ class Scheduler:
 
     # ---- one step ----------------------------------------------------------------------------------
     def schedule(self) -> list[Chunk]:
-        """Admit what fits, then plan one step: decode tokens first, then prefill chunks under the budget."""
+        """Admit what fits, then plan one step: decode tokens first, then prefill chunks under the budget,
+        group by group in admission order."""
         self._admit()
         budget = self.max_batch_tokens
         decodes = []

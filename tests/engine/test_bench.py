@@ -72,6 +72,21 @@ def test_short_runs_are_repeated_and_reported_as_their_median():
     assert len(calls) == 1
 
 
+def test_repeated_runs_report_their_highest_peak(monkeypatch):
+    """On a GPU each run reports its peak memory: the repeated result keeps the highest (CPU runs have none)."""
+    from batchllm_hf import bench
+
+    runs = iter([(0.1, 9, 3.0), (0.3, 9, 5.5), (0.2, 9, 4.0)])
+
+    def fake_timed(device, fn):
+        seconds, tokens, peak = next(runs)
+        return seconds, tokens, peak, {"host_probe": {}}
+
+    monkeypatch.setattr(bench, "_timed", fake_timed)
+    seconds, tokens, peak, extra = _timed_runs("cuda", None, repeat_under=0.6)
+    assert extra["runs_seconds"] == [0.1, 0.3, 0.2] and seconds == 0.2 and peak == 5.5 and tokens == 9
+
+
 def test_repeat_under_must_not_be_negative(tmp_path):
     with pytest.raises(SystemExit):
         main(["--tiny", "--workloads", "W-1B", "--repeat-under", "-1", "--out", str(tmp_path)])

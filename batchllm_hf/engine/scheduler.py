@@ -271,12 +271,12 @@ class Scheduler:
         # Prefill group by group, in admission order: a group's prefix, then its members' suffixes, then the
         # next group's. The group admitted first (decode-first: the most decode-heavy) then starts decoding
         # while later groups still prefill, instead of waiting behind every admitted group's prefix.
-        prefilling = set(map(id, self.prefilling))
+        unstarted = set(self.prefilling)  # groups whose prefix has no chunk in this step yet
         for seq in self.running:
             if budget <= 0:
                 break
-            if id(seq.group) in prefilling:
-                prefilling.discard(id(seq.group))
+            if seq.group in unstarted:
+                unstarted.discard(seq.group)
                 budget = self._prefix_chunk(seq.group, budget, chunks)
             pending = seq.num_own_tokens - seq.num_computed
             if budget <= 0 or seq.output and pending == 1 or not self._prefix_ready(seq, chunks):
@@ -289,7 +289,7 @@ class Scheduler:
         for group in self.prefilling:  # prefixes not reached above (no member running, or a full pool)
             if budget <= 0:
                 break
-            if id(group) in prefilling:
+            if group in unstarted:
                 budget = self._prefix_chunk(group, budget, chunks)
         running = set(self.running)  # a later _grow may have preempted a sequence or evicted a prefix
         return [c for c in chunks if (c.seq.admitted if isinstance(c.seq, Group) else c.seq in running)]

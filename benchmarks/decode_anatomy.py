@@ -1,0 +1,143 @@
+"""Where a decode step's time goes: its prefix items and its own items timed apart, and under other kernels.
+
+    python benchmarks/decode_anatomy.py --out OUT_DIR     # on the GPU machine (about 3 minutes)
+
+The planner puts a decode step's prefix items (a group's rows against its shared prefix) and own items (a
+sequence's row against its own KV) into ONE launch, compiled with the tiles of the larger. Session 9's grid
+(benchmarks/results/2026-11-29-session9) left the memory-bound steps of large groups with short own KV at
+18-65% of copy bandwidth. This script splits such steps (same plan, items filtered by kind, the same
+workspace and merge) to find out which part holds them, and times the prefix items under the prefill
+configuration (64 x 64 tiles, 3 stages, TMA key loads, page ids a block ahead) and the own items in a
+kernel of 16-row tiles only. The "two launches" rows are the full step done that way (prefix launch, own
+launch, merge) and are checked against the planner's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+from bench_kernels import HEAD_DIM, device_ceilings, make_step, timed
+from batchllm_hf.kernels import plan_paged_attention
+from batchllm_hf.kernels.shared_prefix_triton import launch_shared_prefix_attention
+
+STEPS = [  # (G, B, P, S, GQA, Hkv); session 9's fraction of copy bandwidth in the comment
+    (16, 16, 2048, 64, 4, 8),    # 28.5%
+    (4, 64, 2048, 64, 4, 8),     # 25.6%
+    (1, 256, 2048, 256, 4, 8),   # 46.5%
+    (8, 32, 2048, 256, 4, 8),    # 50.9% (the issue's 3x-SDPA row)
+    (64, 4, 2048, 256, 4, 8),    # 58.6%
+    (16, 16, 8192, 256, 8, 8),   # 53.6%
+    (4, 64, 8192, 64, 4, 8),     # 23.1%
+    (1, 256, 8192, 64, 8, 8),    # compute-bound (31% of max(bytes, FLOPs) bound)
+    (50, 16, 2000, 250, 7, 4),   # W-paper's decode step
+]
+PREFIX_KINDS, OWN_KINDS = (1, 3, 5), (0, 2, 4, 8)
+PREFILL_TILES = dict(block_n=64, num_warps=4, num_stages=3, masked_stages=1, use_tma=True, prefetch_pages=True)
+POINTER_3 = dict(block_n=64, num_warps=4, num_stages=3, masked_stages=1, use_tma=False, prefetch_pages=False)
+WIDE_8 = dict(block_n=64, num_warps=8, num_stages=3, masked_stages=1, use_tma=True, prefetch_pages=True)
+LEAN_OWN = dict(block_m=16, block_m_own=16)
+
+
+def subplan(plan, kinds, merge: bool, **config):
+    """The plan's items of these kinds alone (same workspace slots), with kernel settings overridden."""
+    items = plan.items[: int(plan.num_items.item())]
+    keep = torch.isin(items[:, 0], torch.tensor(kinds, device=items.device, dtype=items.dtype))
+    items = items[keep].contiguous()
+    kinds_held = set(items[:, 0].tolist())
+    sub = dataclasses.replace(plan, items=items, num_items=torch.tensor([items.shape[0]], dtype=torch.int32,
+                                                                         device=items.device),
+                              num_programs=max(1, items.shape[0]), needs_merge=merge and plan.needs_merge,
+                              has_small=bool(kinds_held & {2, 3}), has_fused=8 in kinds_held)
+    block_m = config.pop("block_m", sub.block_m)
+    sub.block_m = block_m
+    sub.block_m_own = config.pop("block_m_own", block_m if set(kinds) == set(PREFIX_KINDS) else sub.block_m_own)
+    for key, value in config.items():
+        setattr(sub, key, value)
+    return sub, items.shape[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--steps", type=int, default=len(STEPS), help="only the first N steps")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    ceilings = device_ceilings()
+    print(json.dumps(ceilings), flush=True)
+    rows, table = [], []
+    for groups, members, prefix, own, ratio, kv_heads in STEPS[: args.steps]:
+        q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio, num_kv_heads=kv_heads)
+        scale = HEAD_DIM ** -0.5
+        must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
+                     + 2 * q.numel() * q.element_size())
+        rows_per_group = members * ratio
+        big = 64 if rows_per_group > 16 else None  # prefix tiles for the prefill configuration
+        base = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM)
+        plan64 = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=big)
+        plan128 = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=128 if big else None)
+        split = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, chunk=512)
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")
+        launch_shared_prefix_attention(q, k_cache, v_cache, meta, scale, base, out=out, lse=lse)
+        expected = out.clone()
+
+        def run(*plans):
+            for p in plans:
+                launch_shared_prefix_attention(q, k_cache, v_cache, meta, scale, p, out=out, lse=lse)
+
+        variants = {
+            "planner": [base],
+            "prefix items only": [subplan(base, PREFIX_KINDS, False)[0]],
+            "own items only": [subplan(base, OWN_KINDS, True)[0]],
+            "own only, 16-row kernel": [subplan(base, OWN_KINDS, True, **LEAN_OWN)[0]],
+            "prefix only, 64x64 3st TMA": [subplan(plan64, PREFIX_KINDS, False, **PREFILL_TILES)[0]],
+            "prefix only, 64x64 3st pointer": [subplan(plan64, PREFIX_KINDS, False, **POINTER_3)[0]],
+            "prefix only, 128x64 8w TMA": [subplan(plan128, PREFIX_KINDS, False, **WIDE_8)[0]],
+            "prefix only, chunks of 512": [subplan(split, PREFIX_KINDS, False)[0]],
+            "two launches: 64x64 TMA + lean own": [subplan(plan64, PREFIX_KINDS, False, **PREFILL_TILES)[0],
+                                                   subplan(plan64, OWN_KINDS, True, **LEAN_OWN)[0]],
+            "two launches: 64x64 pointer + lean own": [subplan(plan64, PREFIX_KINDS, False, **POINTER_3)[0],
+                                                       subplan(plan64, OWN_KINDS, True, **LEAN_OWN)[0]],
+            "two launches: 128x64 8w TMA + lean own": [subplan(plan128, PREFIX_KINDS, False, **WIDE_8)[0],
+                                                       subplan(plan128, OWN_KINDS, True, **LEAN_OWN)[0]],
+        }
+        step = [groups, members, prefix, own, ratio, kv_heads]
+        cells = []
+        for name, plans in variants.items():
+            try:
+                out.fill_(float("nan"))
+                seconds = timed(lambda: run(*plans))
+                err = (out.float() - expected.float()).abs().max().item() if name == "planner" or "two" in name \
+                    else None
+            except Exception as error:  # noqa: BLE001 - one variant failing must not lose the rest
+                seconds, err = float("nan"), repr(error)[:160]
+            row = dict(step=step, variant=name, time_us=seconds * 1e6, frac_copy_bw=must_read / seconds / 1e9
+                       / ceilings["copy_GBps"], max_err_vs_planner=err,
+                       items=[int(p.num_items.item()) for p in plans],
+                       tiles=[[p.block_m, p.block_m_own, p.block_n, p.num_warps, p.num_stages, p.use_tma]
+                              for p in plans])
+            rows.append(row)
+            print("  ", row, flush=True)
+            cells.append(f"{row['time_us']:.0f}")
+        table.append((step, cells, list(variants)))
+        with open(os.path.join(args.out, "decode_anatomy.json"), "w") as f:
+            json.dump({"ceilings": ceilings, "rows": rows}, f, indent=1)
+        del q, k_cache, v_cache
+        torch.cuda.empty_cache()
+    names = table[0][2]
+    print("\ntime per step (us); columns:")
+    for i, name in enumerate(names):
+        print(f"  c{i}: {name}")
+    print("| step (G, B, P, S, GQA, Hkv) | " + " | ".join(f"c{i}" for i in range(len(names))) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for step, cells, _ in table:
+        print(f"| {step} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

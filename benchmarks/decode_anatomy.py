@@ -22,11 +22,15 @@ import sys
 
 import torch
 
-from bench_kernels import HEAD_DIM, device_ceilings, make_step, timed
-from batchllm_hf.kernels import plan_paged_attention
+from bench_kernels import HEAD_DIM, _static_plan, device_ceilings, make_step, timed
+from batchllm_hf.kernels import allocate_plan, plan_paged_attention
 from batchllm_hf.kernels.shared_prefix_triton import launch_shared_prefix_attention
 
-STEPS = [  # (G, B, P, S, GQA, Hkv); session 9's fraction of copy bandwidth in the comment
+STEPS = [
+    (256, 1, 2048, 64, 8, 8),    # groups of one: no regressions wanted
+    (256, 1, 8192, 256, 4, 8),
+    (64, 4, 2048, 1024, 4, 8),
+    (8, 32, 2048, 1024, 4, 8),  # (G, B, P, S, GQA, Hkv); session 9's fraction of copy bandwidth in the comment
     (16, 16, 2048, 64, 4, 8),    # 28.5%
     (4, 64, 2048, 64, 4, 8),     # 25.6%
     (1, 256, 2048, 256, 4, 8),   # 46.5%
@@ -42,6 +46,25 @@ PREFILL_TILES = dict(block_n=64, num_warps=4, num_stages=3, masked_stages=1, use
 POINTER_3 = dict(block_n=64, num_warps=4, num_stages=3, masked_stages=1, use_tma=False, prefetch_pages=False)
 WIDE_8 = dict(block_n=64, num_warps=8, num_stages=3, masked_stages=1, use_tma=True, prefetch_pages=True)
 LEAN_OWN = dict(block_m=16, block_m_own=16)
+ALL = PREFIX_KINDS + OWN_KINDS
+
+
+def VARIANTS(big, huge):  # name: [(planner args (block_m, chunk), item kinds, merge, kernel overrides)] per launch
+    return {
+        "planner": [((None, None), ALL, True, {})],
+        "one launch, prefill config (64 rows, 3 stages, TMA, ids ahead)": [((big, None), ALL, True, PREFILL_TILES)],
+        "one launch, prefill config, 2 stages": [((big, None), ALL, True, dict(PREFILL_TILES, num_stages=2))],
+        "one launch, prefill config, ids not ahead": [((big, None), ALL, True, dict(PREFILL_TILES,
+                                                                                    prefetch_pages=False))],
+        "one launch, 64 rows, 3 stages, pointer loads": [((big, None), ALL, True, POINTER_3)],
+        "one launch, 128 rows, 8 warps, TMA": [((huge, None), ALL, True, WIDE_8)],
+        "prefix only, prefill config": [((big, None), PREFIX_KINDS, False, PREFILL_TILES)],
+        "own only, prefill config": [((big, None), OWN_KINDS, True, PREFILL_TILES)],
+        "own only, 16-row kernel, 1 stage": [((None, None), OWN_KINDS, True, dict(LEAN_OWN, num_stages=1))],
+        "own only, 16-row kernel, 2 warps": [((None, None), OWN_KINDS, True, dict(LEAN_OWN, num_warps=2))],
+        "own only, 16-row kernel, 1 stage, 32 keys": [((None, None), OWN_KINDS, True,
+                                                       dict(LEAN_OWN, num_stages=1, block_n=32))],
+    }
 
 
 def subplan(plan, kinds, merge: bool, **config):
@@ -76,12 +99,7 @@ def main() -> None:
         scale = HEAD_DIM ** -0.5
         must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
                      + 2 * q.numel() * q.element_size())
-        rows_per_group = members * ratio
-        big = 64 if rows_per_group > 16 else None  # prefix tiles for the prefill configuration
         base = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM)
-        plan64 = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=big)
-        plan128 = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=128 if big else None)
-        split = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, chunk=512)
         out, lse = torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")
         launch_shared_prefix_attention(q, k_cache, v_cache, meta, scale, base, out=out, lse=lse)
         expected = out.clone()
@@ -90,47 +108,59 @@ def main() -> None:
             for p in plans:
                 launch_shared_prefix_attention(q, k_cache, v_cache, meta, scale, p, out=out, lse=lse)
 
-        variants = {
-            "planner": [base],
-            "prefix items only": [subplan(base, PREFIX_KINDS, False)[0]],
-            "own items only": [subplan(base, OWN_KINDS, True)[0]],
-            "own only, 16-row kernel": [subplan(base, OWN_KINDS, True, **LEAN_OWN)[0]],
-            "prefix only, 64x64 3st TMA": [subplan(plan64, PREFIX_KINDS, False, **PREFILL_TILES)[0]],
-            "prefix only, 64x64 3st pointer": [subplan(plan64, PREFIX_KINDS, False, **POINTER_3)[0]],
-            "prefix only, 128x64 8w TMA": [subplan(plan128, PREFIX_KINDS, False, **WIDE_8)[0]],
-            "prefix only, chunks of 512": [subplan(split, PREFIX_KINDS, False)[0]],
-            "two launches: 64x64 TMA + lean own": [subplan(plan64, PREFIX_KINDS, False, **PREFILL_TILES)[0],
-                                                   subplan(plan64, OWN_KINDS, True, **LEAN_OWN)[0]],
-            "two launches: 64x64 pointer + lean own": [subplan(plan64, PREFIX_KINDS, False, **POINTER_3)[0],
-                                                       subplan(plan64, OWN_KINDS, True, **LEAN_OWN)[0]],
-            "two launches: 128x64 8w TMA + lean own": [subplan(plan128, PREFIX_KINDS, False, **WIDE_8)[0],
-                                                       subplan(plan128, OWN_KINDS, True, **LEAN_OWN)[0]],
-        }
+        plans = {}
+
+        def planned(block_m=None, chunk=None):
+            if (block_m, chunk) not in plans:
+                plans[block_m, chunk] = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=block_m,
+                                                             chunk=chunk)
+            return plans[block_m, chunk]
+
+        def static(**config):
+            seqs = meta.own_lens.shape[0]
+            capacity = 2 * kv_heads * seqs + 4096
+            buffers = allocate_plan(seqs, capacity, 4 * seqs + 4096, q.shape[1], HEAD_DIM, q.device, **config)
+            return plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, buffers=buffers)
+
+        big = 64 if members * ratio > 16 else None
+        huge = 128 if members * ratio >= 128 else big
+        variants = {name: [subplan(planned(*args), kinds, merge, **config) [0] for args, kinds, merge, config in spec]
+                    for name, spec in VARIANTS(big, huge).items()}
+        variants["CUDA-graph static plan (engine today)"] = [_static_plan(meta, q, kv_heads, None)]
+        variants["static plan, prefill config"] = [static(block_m=64, block_m_own=16, **PREFILL_TILES)]
+        variants["static plan, prefill config, 2 stages"] = [static(block_m=64, block_m_own=16,
+                                                                   **dict(PREFILL_TILES, num_stages=2))]
         step = [groups, members, prefix, own, ratio, kv_heads]
         cells = []
         for name, plans in variants.items():
             try:
                 out.fill_(float("nan"))
                 seconds = timed(lambda: run(*plans))
-                err = (out.float() - expected.float()).abs().max().item() if name == "planner" or "two" in name \
-                    else None
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run(*plans)
+                out.fill_(float("nan"))
+                replay_seconds = timed(graph.replay)
+                err = (out.float() - expected.float()).abs().max().item() if "only" not in name else None
             except Exception as error:  # noqa: BLE001 - one variant failing must not lose the rest
-                seconds, err = float("nan"), repr(error)[:160]
-            row = dict(step=step, variant=name, time_us=seconds * 1e6, frac_copy_bw=must_read / seconds / 1e9
+                seconds = replay_seconds = float("nan")
+                err = repr(error)[:160]
+            row = dict(step=step, variant=name, time_us=seconds * 1e6, graph_us=replay_seconds * 1e6,
+                       frac_copy_bw=must_read / seconds / 1e9
                        / ceilings["copy_GBps"], max_err_vs_planner=err,
                        items=[int(p.num_items.item()) for p in plans],
                        tiles=[[p.block_m, p.block_m_own, p.block_n, p.num_warps, p.num_stages, p.use_tma]
                               for p in plans])
             rows.append(row)
             print("  ", row, flush=True)
-            cells.append(f"{row['time_us']:.0f}")
+            cells.append(f"{row['time_us']:.0f} / {row['graph_us']:.0f}")
         table.append((step, cells, list(variants)))
         with open(os.path.join(args.out, "decode_anatomy.json"), "w") as f:
             json.dump({"ceilings": ceilings, "rows": rows}, f, indent=1)
         del q, k_cache, v_cache
         torch.cuda.empty_cache()
     names = table[0][2]
-    print("\ntime per step (us); columns:")
+    print("\ntime per step (us), launched from Python / as a CUDA-graph replay; columns:")
     for i, name in enumerate(names):
         print(f"  c{i}: {name}")
     print("| step (G, B, P, S, GQA, Hkv) | " + " | ".join(f"c{i}" for i in range(len(names))) + " |")

@@ -20,7 +20,10 @@ on duplicated prefix KV with a lower-right causal mask; TFLOP/s over the useful 
 measured bf16 matmul rate.
 --check first compares outputs AND lse with `paged_attention_reference` on real shapes (GQA 1/4/7/8, head
 dims 64/128/256, fp16/bf16, splits, prefill chunks) and replays a CUDA graph with a static plan.
-Timing: triton.testing.do_bench (L2 flushed between runs), mean.
+Timing: triton.testing.do_bench (L2 flushed between runs), mean. Decode rows time CUDA-graph replays of ours,
+SDPA's and FlexAttention's steps (the engine runs decode steps so; a launch from Python adds host time that
+hid the GPU time of short steps, TMA ones most: session 13's decode_anatomy.py), and also our step launched
+from Python (`eager_us`) and SDPA's (`sdpa_eager_us`). Prefill rows and the torch reference run eagerly.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from batchllm_hf.kernels.paged import PagedAttentionMetadata, paged_attention_re
 
 NUM_KV_HEADS, HEAD_DIM = 8, 128
 PAGE_SIZE = 64  # the grid's pages (--page-size): EngineConfig.for_device's on CUDA
+WIDE = False  # --wide: also time each decode row with wide items
 
 
 def make_step(groups: int, members: int, prefix: int, own: int, q_len: int, ratio: int, *, dtype=torch.bfloat16,
@@ -93,6 +97,17 @@ def timed(fn) -> float:
     return do_bench(fn, warmup=5, rep=25) * 1e-3  # seconds
 
 
+def timed_graph(fn) -> float:
+    """`timed` of a CUDA-graph replay of fn (the engine's decode steps run so): the launches' host time
+    drops out, the GPU time stays."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timed(graph.replay)
+
+
 def device_ceilings() -> dict:
     x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -113,29 +128,39 @@ def bench_decode(groups, members, prefix, own, ratio, ceilings, flex=False, ref=
     plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM)
     plan_ms = (time.perf_counter() - t0) * 1e3
     out = torch.empty_like(q)
-    ours = timed(lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan))
+    step = lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan)  # noqa: E731
+    eager = timed(step)
+    ours = timed_graph(step)
     kv_bytes = 2 * NUM_KV_HEADS * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
     must_read = kv_bytes + 2 * q.numel() * q.element_size()
     row = dict(kind="decode", G=groups, B=members, P=prefix, S=own, gqa=ratio, time_us=ours * 1e6,
-               plan_ms=plan_ms, block_m=plan.block_m, items=plan.items.shape[0], merge=plan.needs_merge,
-               GBps=must_read / ours / 1e9)
+               eager_us=eager * 1e6, plan_ms=plan_ms, block_m=plan.block_m, items=plan.items.shape[0],
+               merge=plan.needs_merge, tma=plan.use_tma, GBps=must_read / ours / 1e9)
     row["frac_copy_bw"] = row["GBps"] / ceilings["copy_GBps"]
     row["frac_roofline"] = decode_roofline_us(row, ceilings) / row["time_us"]
-    # The same step with wide items (all KV heads of a decode token in one program), the opt-in variant.
-    wide = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, wide=True)
-    row["wide_items_us"] = timed(lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=wide)) * 1e6
+    if WIDE:  # the same step with wide items (all KV heads of a decode token in one program), opt-in
+        wide = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM, wide=True)
+        row["wide_items_us"] = timed_graph(lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out,
+                                                                   plan=wide)) * 1e6
+        paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan)
     qd = q.unsqueeze(2)  # (N, Hq, 1, D)
     kd = duplicated_kv(k_cache, meta, members, prefix, own)
     vd = duplicated_kv(v_cache, meta, members, prefix, own)
     expected = sdpa_flash(qd, kd, vd, scale).squeeze(2)
     row["max_err_vs_sdpa"] = (out.float() - expected.float()).abs().max().item()
-    row["sdpa_us"] = timed(lambda: sdpa_flash(qd, kd, vd, scale)) * 1e6
+    row["sdpa_us"] = timed_graph(lambda: sdpa_flash(qd, kd, vd, scale)) * 1e6
+    row["sdpa_eager_us"] = timed(lambda: sdpa_flash(qd, kd, vd, scale)) * 1e6
     row["speedup_sdpa"] = row["sdpa_us"] / row["time_us"]
     if flex:
         try:
             from torch.nn.attention.flex_attention import flex_attention
             compiled = torch.compile(flex_attention, dynamic=False)
-            row["flex_us"] = timed(lambda: compiled(qd, kd, vd, scale=scale, enable_gqa=True)) * 1e6
+            flex = lambda: compiled(qd, kd, vd, scale=scale, enable_gqa=True)  # noqa: E731
+            row["flex_eager_us"] = timed(flex) * 1e6
+            try:
+                row["flex_us"] = timed_graph(flex) * 1e6
+            except Exception as error:  # noqa: BLE001 - a compiled graph that cannot be captured: eager
+                row["flex_us"], row["flex_graph_error"] = row["flex_eager_us"], repr(error)[:200]
             row["speedup_flex"] = row["flex_us"] / row["time_us"]
         except Exception as error:  # noqa: BLE001 - report, keep benchmarking
             row["flex_error"] = repr(error)[:200]
@@ -431,7 +456,8 @@ def check_cuda_graph() -> dict:
         plan_paged_attention(meta, 32, NUM_KV_HEADS, HEAD_DIM, buffers=static)
 
     static = allocate_plan(max_tokens=q.shape[0], max_items=4096, max_parts=4096, num_q_heads=32,
-                           head_dim=HEAD_DIM, device="cuda")
+                           head_dim=HEAD_DIM, device="cuda", block_m=64, block_m_own=64, block_n=64, num_stages=3,
+                           use_tma=True, prefetch_pages=True, masked_stages=1)  # the engine's default (session 13)
     out = torch.empty_like(q)
     fill(*lengths[0])
     paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=static)  # compile before capture
@@ -449,7 +475,7 @@ def check_cuda_graph() -> dict:
 
 
 def main() -> None:
-    global PAGE_SIZE
+    global PAGE_SIZE, WIDE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--quick", action="store_true")
@@ -458,12 +484,13 @@ def main() -> None:
                         help="only: decode steps under occupancy variants (about 1 minute), then exit")
     parser.add_argument("--prefill-variants", action="store_true",
                         help="only: prefill chunks under tile variants (about 1 minute), then exit")
+    parser.add_argument("--wide", action="store_true", help="also time each decode row with wide items (opt-in)")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--page-size", type=int, default=PAGE_SIZE,
                         help="KV page size of the grid's steps (default 64, the engine's on a GPU)")
     parser.add_argument("--out", default="bench_kernels.json", help="JSON file (a directory: its bench_kernels.json)")
     args = parser.parse_args()
-    PAGE_SIZE = args.page_size
+    PAGE_SIZE, WIDE = args.page_size, args.wide
     if os.path.isdir(args.out):  # session 9 passed $OUT itself, and lost the variants' JSON at the end
         args.out = os.path.join(args.out, "bench_kernels.json")
     ceilings = device_ceilings()
@@ -549,7 +576,7 @@ def format_row(row: dict) -> str:
         return (f"decode G={row['G']:4d} B={row['B']:3d} P={row['P']:5d} S={row['S']:5d} gqa={row['gqa']} "
                 f"{row['time_us']:9.1f}us {row['GBps']:7.0f}GB/s {100 * row['frac_copy_bw']:5.1f}%copy "
                 f"{100 * row.get('frac_roofline', float('nan')):5.1f}%roofline "
-                f"sdpa {row['speedup_sdpa']:5.2f}x wide items {row['wide_items_us']:8.1f}us "
+                f"sdpa {row['speedup_sdpa']:5.2f}x eager {row['eager_us']:8.1f}us "
                 f"err {row['max_err_vs_sdpa']:.1e}{extra}")
     return (f"prefill B={row['B']} P={row['P']} chunk={row['S']} gqa={row['gqa']} {row['time_us']:9.1f}us "
             f"{row['TFLOPs']:6.0f}TFLOP/s {100 * row['frac_matmul']:5.1f}%mm sdpa {row['speedup_sdpa']:5.2f}x "

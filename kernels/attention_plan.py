@@ -94,9 +94,9 @@ class PagedAttentionPlan:
     use_tma: bool = False      # unmasked key blocks through TMA tensor descriptors where the launch allows it
     has_small: bool = True     # the plan may hold 16-row (decode-sized) items (else compiled without them)
     has_fused: bool = False    # the plan holds fused items (prefix + own in one program; per-step plans only)
-    prefetch_pages: bool = False  # TMA key loops load each block's page id one block ahead (the planner's prefill
-    # default with TMA: a third TMA buffer; session 8, H200: 4 x 512 tokens at P=2048 / 8192 in 179 / 569 us
-    # against 223 / 762 with the lookup before each load; decode steps gained or lost up to 25%, so they keep it off)
+    prefetch_pages: bool = False  # TMA key loops load each block's page id one block ahead (the planner's default
+    # with TMA: a third TMA buffer; session 8, H200: 4 x 512 tokens at P=2048 / 8192 in 179 / 569 us against
+    # 223 / 762 with the lookup before each load; session 13: decode steps as CUDA-graph replays 0-27% faster)
 
 
 def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:
@@ -110,14 +110,14 @@ def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:
 
 
 def is_prefill_step(max_own_rows: int, total_rows: int, head_dim: int) -> bool:
-    """Whether a step gets the prefill tile configuration (and, by default, TMA key loads)."""
+    """Whether a step gets the prefill tile configuration."""
     return head_dim <= 128 and _rows_tile(max_own_rows, total_rows, head_dim) >= PREFILL_TILE
 
 
 def tile_config(max_prefix_rows: int, max_own_rows: int, head_dim: int,
                 total_rows: int, tma: bool = False) -> tuple[int, int, int, int, int]:
     """(block_m, block_m_own, block_n, num_warps, num_stages): small tiles for decode, large for prefill
-    (`tma`: the prefill step reads its key blocks through TMA)."""
+    (`tma`: the step reads its unmasked key blocks through TMA)."""
     block_m = _rows_tile(max_prefix_rows, total_rows, head_dim)
     block_m_own = _rows_tile(max_own_rows, total_rows, head_dim)
     # Chosen from sweeps on an H200 (bf16, head_dim 128; benchmarks/bench_kernels.py --sweep / --prefill-variants):
@@ -130,13 +130,33 @@ def tile_config(max_prefix_rows: int, max_own_rows: int, head_dim: int,
         return 64, 64, 64, 4, 3
     if block_m_own >= PREFILL_TILE:  # prefill chunks, pointer loads: 1183 us vs 1233 (64 keys, 8 warps) at
         return block_m, block_m_own, 32, 4, 3  # P=8192, 4 x 512 tokens; session 5: 64 x 64 was 7-10% slower
+    if tma:
+        # decode with TMA key loads (and page ids a block ahead, a 1-stage masked loop: plan_attention): the
+        # prefill tiles, at most 64 rows. Session 13 (benchmarks/decode_anatomy.py, H200, CUDA-graph replays):
+        # 3-33% faster than the pointer-load configuration below on all 13 decode steps timed, groups of one
+        # included (W-paper's step 252 -> 217 us, 16 x 16 members at P = 8192 335 -> 248); 128-row tiles with
+        # 8 warps, 2 stages, or page ids looked up before each block's loads were slower.
+        block_m = min(block_m, 64)
+        return block_m, max(block_m, min(block_m_own, 64)), 64, 4, 3
     # decode, any group size: 64 keys, 4 warps, 2 stages. Session 3's sweep (one-head items): 155 us against
     # 231 for (128 keys, 8 warps, 3 stages) with 8 groups of 32 (128-row prefix tiles), 191 against 244 with
     # one group of 256 (GQA 8); 2 stages beat 3 by 10% with 32-256 members and lost 1-4% elsewhere.
     return block_m, block_m_own, 64, 4, 2
 
 
-def static_decode_tiles(seq_group: np.ndarray, ratio: int, head_dim: int) -> tuple[int, int, int, int, int]:
+def tma_default(device: torch.device | str, page_size: int | None, head_dim: int) -> bool:
+    """Whether a plan reads its unmasked key blocks through TMA when the caller leaves it open (use_tma=None):
+    pages that hold whole 64-key blocks, head_dim <= 128 (the measured tiles), and a Hopper-or-later GPU (or
+    the CPU interpreter). Measured faster there in prefill chunks (sessions 6-8) and in decode steps run as
+    CUDA-graph replays (session 13). Launched eagerly, a TMA step costs more host time (two tensor
+    descriptors per launch): decode steps timed from Python were slower with it on some steps."""
+    device = torch.device(device)
+    return (page_size is not None and page_size % 64 == 0 and head_dim <= 128
+            and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9))
+
+
+def static_decode_tiles(seq_group: np.ndarray, ratio: int, head_dim: int,
+                        tma: bool = False) -> tuple[int, int, int, int, int]:
     """The tiles of a static (CUDA-graph) decode plan first used on a decode step whose sequences are in
     groups `seq_group` (-1: none): the per-step planner's, rows counted as it counts them (every sequence's
     own row set plus the grouped ones' prefix rows), with prefix tiles of at least 64 rows (a later step of
@@ -144,7 +164,7 @@ def static_decode_tiles(seq_group: np.ndarray, ratio: int, head_dim: int) -> tup
     anyway)."""
     grouped = seq_group[seq_group >= 0]
     largest = int(np.bincount(grouped).max()) if grouped.size else 0
-    return tile_config(max(64, largest * ratio), ratio, head_dim, (seq_group.shape[0] + grouped.size) * ratio)
+    return tile_config(max(64, largest * ratio), ratio, head_dim, (seq_group.shape[0] + grouped.size) * ratio, tma=tma)
 
 
 def wide_tiles(num_q_heads: int, head_dim: int) -> tuple[int, int]:
@@ -203,8 +223,10 @@ def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_
     num_sms defaults to the device's; block_m and chunk (KV tokens per work item) override the heuristics
     (tests use them to force splits and tile shapes); wide=True lets decode-sized row sets run wide;
     use_tma=True reads the unmasked key blocks through TMA tensor descriptors where the launch allows it;
-    None (default) does so for prefill steps whose pages hold whole 64-key blocks, with 64 x 64 tiles: on an
-    H200 that was 13-20% faster on every prefill chunk measured, while TMA was up to 1.7x slower on some
+    None (default) does so where `tma_default` says (pages of whole 64-key blocks on Hopper or later), with
+    64-row tiles at most: on an H200 that was 13-20% faster on every prefill chunk measured and 3-33% faster
+    on every decode step timed as a CUDA-graph replay (session 13), while eager launches of it cost more
+    host time. Before session 13 decode steps kept pointer loads: timed eagerly, TMA was up to 1.7x slower on some
     decode steps (session 6's variant tables).
     A static plan (`buffers`) keeps the choice it was allocated with."""
     tensors = (meta.q_starts, meta.own_lens, meta.seq_group, meta.prefix_lens)
@@ -222,7 +244,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                    page_size: int | None = None,
                    buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """`plan_paged_attention` on host arrays (page_size: the KV pages', which decide whether TMA key loads
-    can serve a prefill step's 64-key blocks; None: they cannot). own_starts / prefix_starts: first visible key of each
+    can serve a step's 64-key blocks; None: they cannot). own_starts / prefix_starts: first visible key of each
     sequence's own KV / each group's prefix (left padding in the dense layout; zeros when None). fuse: let
     members with long chunks read their group's prefix in their own items (see below)."""
     if num_q_heads % num_kv_heads:
@@ -297,10 +319,8 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
 
     total_rows = int(run_rows.sum() + own_rows.sum())
     max_own_rows = int(own_rows[~own_wide].max(initial=0))
-    prefill = is_prefill_step(max_own_rows, total_rows, head_dim)
-    if use_tma is None:  # TMA key loads where measured faster: prefill steps whose pages hold whole 64-key blocks
-        use_tma = (prefill and page_size is not None and page_size % 64 == 0
-                   and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9))
+    if use_tma is None:  # TMA key loads where measured faster: pages of whole 64-key blocks (tma_default)
+        use_tma = tma_default(device, page_size, head_dim)
     if buffers is not None:
         bm, bmo = buffers.block_m, buffers.block_m_own
         bn, warps, stages = buffers.block_n, buffers.num_warps, buffers.num_stages
@@ -418,19 +438,19 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     flat_items, plan_parts, plan_starts = packed.split([items.size, num_tokens, num_tokens])
     tensors = dict(items=flat_items.view(items.shape[0], NUM_FIELDS), num_parts=plan_parts, part_start=plan_starts)
     if buffers is None:
-        tma_prefill = bool(use_tma and prefill)
+        use_tma = bool(use_tma)
         buffers = allocate_plan(num_tokens, items.shape[0], num_part_slots, num_q_heads, head_dim, device,
                                 block_m=bm, block_m_own=bmo, block_n=bn, block_m_wide=bmw, block_n_wide=bnw,
                                 wide=bool(run_wide.any() or own_wide.any()),
                                 num_warps=warps, num_stages=stages,
                                 use_tma=use_tma,
-                                # prefill with TMA: page ids one block ahead and a 1-stage masked loop (session 8,
+                                # TMA: page ids one block ahead and a 1-stage masked loop (prefill, session 8,
                                 # bench_kernels --prefill-variants: 179 / 569 / 306 / 457 us against 188 / 565 /
-                                # 325 / 486 with 3 masked stages and 223 / 762 / 384 / 568 without the prefetch).
-                                # Mixed steps count as prefill: their decode rows' TMA loops prefetch too (timed
-                                # only inside the engine runs). A launch that falls back to pointer loads keeps
-                                # the 1-stage masked loop (untimed; fp32 or pages of partial blocks).
-                                prefetch_pages=tma_prefill, masked_stages=1 if tma_prefill else None,
+                                # 325 / 486 with 3 masked stages and 223 / 762 / 384 / 568 without the prefetch;
+                                # decode, session 13's decode_anatomy.py: ids looked up before each block's
+                                # loads were 0-27% slower, 2 masked stages 1-24%). A launch that falls back to
+                                # pointer loads keeps the 1-stage masked loop (fp32 or pages of partial blocks).
+                                prefetch_pages=use_tma, masked_stages=1 if use_tma else None,
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0
         buffers.has_small = bool(((items[:, 0] == 2) | (items[:, 0] == 3)).any())

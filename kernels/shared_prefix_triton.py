@@ -45,15 +45,18 @@ Limits: head_dim a power of two in [16, 256]; dtypes fp16/bf16 (fp32 for tests: 
 outputs in q's dtype, lse fp32 natural log; inference only (no backward); no sliding window, ALiBi or
 softcap; KV in the query's dtype (no FP8 KV).
 
-TMA key loads (`plan.use_tma`; by default in prefill steps whose pages hold whole 64-key blocks, see
-attention_plan.plan_paged_attention; EngineConfig.attention_tma): the unmasked key blocks of an item whose
+TMA key loads (`plan.use_tma`; by default in every step whose pages hold whole 64-key blocks, see
+attention_plan.tma_default; EngineConfig.attention_tma): the unmasked key blocks of an item whose
 KV range starts on a BLOCK_N boundary are read through tensor descriptors over the pool viewed as
 (pages * page_size, Hkv * D), one page lookup per block instead of one per key; the launcher turns them on
 only for a contiguous shared pool whose pages hold whole blocks (page_size % BLOCK_N == 0) on sm_90 or later.
 Compiled for sm_90a (benchmarks/compile_check.py, triton 3.9) the main loop becomes cp.async.bulk.tensor
 with mbarrier waits. On the H200 they made prefill chunks 6-7% faster and, with fused items and 64 x 64
-tiles, 13-20%; on decode steps they were faster on most but up to 1.7x slower on some (steps of large
-groups with 64-row prefix tiles), so decode keeps pointer loads (session 6's variant tables).
+tiles, 13-20%. Decode steps timed from Python looked up to 1.7x slower with them (session 6's variant
+tables), so decode kept pointer loads until session 13 found that was launch host time (two tensor
+descriptors per launch): as CUDA-graph replays, the engine's decode path, decode steps with TMA, 64-row
+tiles, 3 stages and page ids a block ahead were 3-33% faster on all 13 steps timed
+(benchmarks/decode_anatomy.py).
 
 Page ids prefetched (`plan.prefetch_pages`; the planner's default for prefill steps with TMA): compiled for
 sm_90a, a TMA key loop that looks each block's page id up right before its loads keeps two TMA buffers where

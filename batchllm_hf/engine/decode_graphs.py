@@ -44,7 +44,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..kernels.attention_plan import plan_attention, static_decode_tiles, tile_config
+from ..kernels.attention_plan import plan_attention, static_decode_tiles, tile_config, tma_default
 from ..kernels.paged import PagedAttentionMetadata
 from .kv_pool import PagedCache, Step, step_activation_bytes
 from .paged_sdpa import StepShape
@@ -108,16 +108,20 @@ class DecodeGraphs:
             # headroom takes KV splits (the plan coarsens them until the step fits; large batches fill the
             # GPU unsplit). Partials cost Hq * head_dim * 4 bytes each: 4 * b + 4096 of them is 134 MB at
             # b = 1024 for Llama-3-8B (16 * b + 4096 was 335 MB).
-            # Tiles of the planner's decode choice for 64-row groups (64 keys, 4 warps, 2 stages at head_dim
-            # <= 128; 32 keys, 3 stages above, which fit shared memory: tests/kernels/test_compile_sm90.py);
-            # each size replaces them with its own on admission (_plan_for). The item capacity holds any
-            # prefix tile size >= 16 rows.
-            block_m, block_m_own, block_n, num_warps, num_stages = tile_config(64, 16, head_dim, 64)
+            # Tiles of the planner's decode choice for 64-row groups (with TMA key loads, the default where
+            # pages hold whole 64-key blocks on Hopper: 64 keys, 4 warps, 3 stages, page ids a block ahead, a
+            # 1-stage masked loop; without: 64 keys, 4 warps, 2 stages at head_dim <= 128; 32 keys, 3 stages
+            # above, which fit shared memory: tests/kernels/test_compile_sm90.py); each size replaces them
+            # with its own on admission (_plan_for). The item capacity holds any prefix tile size >= 16 rows.
+            tma = cache.attention_tma if cache.attention_tma is not None else tma_default(device, cache.page_size,
+                                                                                          head_dim)
+            block_m, block_m_own, block_n, num_warps, num_stages = tile_config(64, 16, head_dim, 64, tma=tma)
             ratio = num_q_heads // num_kv_heads
             tiles = -(-ratio // 16) + -(-ratio // 64)
             self.plan = allocate_plan(b, tiles * num_kv_heads * b + 4096, 4 * b + 4096, num_q_heads, head_dim, device,
                                       block_m=block_m, block_m_own=block_m_own, block_n=block_n,
-                                      num_warps=num_warps, num_stages=num_stages, use_tma=cache.attention_tma is True)
+                                      num_warps=num_warps, num_stages=num_stages, use_tma=tma, prefetch_pages=tma,
+                                      masked_stages=1 if tma else None)
         self._reset_padding(0, b)
 
     def _reset_padding(self, lo: int, hi: int) -> None:
@@ -139,7 +143,7 @@ class DecodeGraphs:
         with the tiles the per-step planner would pick for it (attention_plan.static_decode_tiles)."""
         num_q_heads, num_kv_heads, head_dim = self.cache.num_heads
         block_m, block_m_own, block_n, num_warps, num_stages = static_decode_tiles(
-            seq_group, num_q_heads // num_kv_heads, head_dim)
+            seq_group, num_q_heads // num_kv_heads, head_dim, tma=self.plan.use_tma)
         return dataclasses.replace(self.plan, block_m=block_m, block_m_own=block_m_own, block_n=block_n,
                                    num_warps=num_warps, num_stages=num_stages)
 

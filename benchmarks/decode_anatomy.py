@@ -49,6 +49,28 @@ LEAN_OWN = dict(block_m=16, block_m_own=16)
 ALL = PREFIX_KINDS + OWN_KINDS
 
 
+OWN_STEPS = [  # session 13's grid (call 4) misses with short own KV, W-paper's step, groups of one
+    (16, 16, 2048, 64, 4, 8), (4, 64, 2048, 64, 4, 8), (1, 256, 2048, 256, 4, 8), (16, 16, 2048, 64, 8, 8),
+    (1, 256, 2048, 64, 8, 8), (4, 64, 8192, 256, 4, 8), (8, 32, 2048, 256, 4, 8), (64, 4, 2048, 64, 4, 8),
+    (256, 1, 2048, 64, 8, 8), (256, 1, 512, 256, 4, 8), (50, 16, 2000, 250, 7, 4),
+]
+
+
+def OWN_VARIANTS(big, huge):  # own items: one KV head per item (the planner) or wide (all KV heads of a token)
+    pointer_wide = dict(PREFILL_TILES, masked_stages=3)
+    return {
+        "planner (session 13 default)": [((None, None), ALL, True, {})],
+        "planner, wide items": [((None, None, True), ALL, True, {})],
+        "planner, wide items, masked loop 3 stages": [((None, None, True), ALL, True, pointer_wide)],
+        "planner, wide items, masked 3 stages, 64-column blocks": [((None, None, True), ALL, True,
+                                                                     dict(pointer_wide, block_n_wide=64))],
+        "own only (planner)": [((None, None), OWN_KINDS, True, {})],
+        "own only, wide": [((None, None, True), OWN_KINDS, True, {})],
+        "own only, wide, masked 3 stages": [((None, None, True), OWN_KINDS, True, pointer_wide)],
+        "prefix only (planner)": [((None, None), PREFIX_KINDS, False, {})],
+    }
+
+
 def VARIANTS(big, huge):  # name: [(planner args (block_m, chunk), item kinds, merge, kernel overrides)] per launch
     return {
         "planner": [((None, None), ALL, True, {})],
@@ -88,13 +110,15 @@ def subplan(plan, kinds, merge: bool, **config):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=".")
-    parser.add_argument("--steps", type=int, default=len(STEPS), help="only the first N steps")
+    parser.add_argument("--steps", type=int, default=None, help="only the first N steps")
+    parser.add_argument("--set", choices=["configs", "own"], default="configs",
+                        help="configs: session 13's tile/TMA variants (call 3); own: own-item variants (call 6)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     ceilings = device_ceilings()
     print(json.dumps(ceilings), flush=True)
     rows, table = [], []
-    for groups, members, prefix, own, ratio, kv_heads in STEPS[: args.steps]:
+    for groups, members, prefix, own, ratio, kv_heads in (STEPS if args.set == "configs" else OWN_STEPS)[: args.steps]:
         q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio, num_kv_heads=kv_heads)
         scale = HEAD_DIM ** -0.5
         must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
@@ -110,11 +134,11 @@ def main() -> None:
 
         plans = {}
 
-        def planned(block_m=None, chunk=None):
-            if (block_m, chunk) not in plans:
-                plans[block_m, chunk] = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=block_m,
-                                                             chunk=chunk)
-            return plans[block_m, chunk]
+        def planned(block_m=None, chunk=None, wide=False):
+            if (block_m, chunk, wide) not in plans:
+                plans[block_m, chunk, wide] = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM,
+                                                                   block_m=block_m, chunk=chunk, wide=wide)
+            return plans[block_m, chunk, wide]
 
         def static(**config):
             seqs = meta.own_lens.shape[0]
@@ -124,12 +148,14 @@ def main() -> None:
 
         big = 64 if members * ratio > 16 else None
         huge = 128 if members * ratio >= 128 else big
-        variants = {name: [subplan(planned(*args), kinds, merge, **config) [0] for args, kinds, merge, config in spec]
-                    for name, spec in VARIANTS(big, huge).items()}
-        variants["CUDA-graph static plan (engine today)"] = [_static_plan(meta, q, kv_heads, None)]
-        variants["static plan, prefill config"] = [static(block_m=64, block_m_own=16, **PREFILL_TILES)]
-        variants["static plan, prefill config, 2 stages"] = [static(block_m=64, block_m_own=16,
-                                                                   **dict(PREFILL_TILES, num_stages=2))]
+        chosen = VARIANTS if args.set == "configs" else OWN_VARIANTS
+        variants = {name: [subplan(planned(*args), kinds, merge, **config)[0] for args, kinds, merge, config in spec]
+                    for name, spec in chosen(big, huge).items()}
+        if args.set == "configs":
+            variants["CUDA-graph static plan (engine today)"] = [_static_plan(meta, q, kv_heads, None)]
+            variants["static plan, prefill config"] = [static(block_m=64, block_m_own=16, **PREFILL_TILES)]
+            variants["static plan, prefill config, 2 stages"] = [static(block_m=64, block_m_own=16,
+                                                                       **dict(PREFILL_TILES, num_stages=2))]
         step = [groups, members, prefix, own, ratio, kv_heads]
         cells = []
         for name, plans in variants.items():

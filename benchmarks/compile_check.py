@@ -196,6 +196,12 @@ CONFIGS = [  # (name, (head_dim, block_m, block_m_own, block_n, num_warps, num_s
     ("decode, large groups, masked loop 1 stage", (128, 128, 16, 64, 4, 2, False, "bf16", 8, 1)),
     ("decode, large groups, masked loop 1 stage, 32-key blocks", (128, 128, 16, 32, 4, 2, False, "bf16", 8, 1)),
     ("decode, large groups, 8 warps", (128, 128, 16, 64, 8, 2, False)),
+    # the planner's defaults where pages hold whole 64-key blocks (attention_plan.tma_default): TMA key loads,
+    # page ids a block ahead, masked loop 1 stage; decode (and the engine's CUDA-graph plans) since session 13
+    ("decode, TMA (bm 64, own 64, bn 64, 4w, 3st, ids ahead)",
+     (128, 64, 64, 64, 4, 3, False, "bf16", 8, 1, None, True, True, False, False, True)),
+    ("prefill, TMA, fused items (bm 64, own 64, bn 64, 4w, 3st)",
+     (128, 64, 64, 64, 4, 3, False, "bf16", 8, 1, None, True, False, False, True, True)),
 ]
 
 SHARED_PER_SM = 227 * 1024  # an H100 / H200 SM's shared memory for its resident programs (bytes)
@@ -216,8 +222,8 @@ def planner_families() -> list[tuple]:
 
     largest = {}
     for head_dim in (64, 128, 256):
-        picks = [tile_config(p, o, head_dim, total) for p in (16, 64, 128, 512) for o in (16, 64, 128, 1024)
-                 for total in (64, 4096)]
+        picks = [tile_config(p, o, head_dim, total, tma=tma) for p in (16, 64, 128, 512) for o in (16, 64, 128, 1024)
+                 for total in (64, 4096) for tma in (False, True)]
         for bm, bmo, bn, warps, stages in picks:
             key = (head_dim, bn, warps, stages)
             old = largest.get(key, (0, 0))

@@ -96,7 +96,7 @@ class PagedAttentionPlan:
     has_fused: bool = False    # the plan holds fused items (prefix + own in one program; per-step plans only)
     prefetch_pages: bool = False  # TMA key loops load each block's page id one block ahead (the planner's default
     # with TMA: a third TMA buffer; session 8, H200: 4 x 512 tokens at P=2048 / 8192 in 179 / 569 us against
-    # 223 / 762 with the lookup before each load; session 13: decode steps as CUDA-graph replays 0-27% faster)
+    # 223 / 762 with the lookup before each load; session 13: decode steps as CUDA-graph replays took 0-21% less time)
 
 
 def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:
@@ -133,7 +133,7 @@ def tile_config(max_prefix_rows: int, max_own_rows: int, head_dim: int,
     if tma:
         # decode with TMA key loads (and page ids a block ahead, a 1-stage masked loop: plan_attention): the
         # prefill tiles, at most 64 rows. Session 13 (benchmarks/decode_anatomy.py, H200, CUDA-graph replays):
-        # 3-33% faster than the pointer-load configuration below on all 13 decode steps timed, groups of one
+        # 3-32% less time than the pointer-load configuration below on all 13 decode steps timed, groups of one
         # included (W-paper's step 252 -> 217 us, 16 x 16 members at P = 8192 335 -> 248); 128-row tiles with
         # 8 warps, 2 stages, or page ids looked up before each block's loads were slower.
         block_m = min(block_m, 64)
@@ -224,7 +224,7 @@ def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_
     (tests use them to force splits and tile shapes); wide=True lets decode-sized row sets run wide;
     use_tma=True reads the unmasked key blocks through TMA tensor descriptors where the launch allows it;
     None (default) does so where `tma_default` says (pages of whole 64-key blocks on Hopper or later), with
-    64-row tiles at most: on an H200 that was 13-20% faster on every prefill chunk measured and 3-33% faster
+    64-row tiles at most: on an H200 that was 13-20% faster on every prefill chunk measured and took 3-32% less time
     on every decode step timed as a CUDA-graph replay (session 13), while eager launches of it cost more
     host time. Before session 13 decode steps kept pointer loads: timed eagerly, TMA was up to 1.7x slower on some
     decode steps (session 6's variant tables).
@@ -448,7 +448,8 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                                 # bench_kernels --prefill-variants: 179 / 569 / 306 / 457 us against 188 / 565 /
                                 # 325 / 486 with 3 masked stages and 223 / 762 / 384 / 568 without the prefetch;
                                 # decode, session 13's decode_anatomy.py: ids looked up before each block's
-                                # loads were 0-27% slower, 2 masked stages 1-24%). A launch that falls back to
+                                # loads made steps 0-27% slower, a 2-stage main loop up to 26%; the masked
+                                # loop's stages were not varied for decode). A launch that falls back to
                                 # pointer loads keeps the 1-stage masked loop (fp32 or pages of partial blocks).
                                 prefetch_pages=use_tma, masked_stages=1 if use_tma else None,
                                 num_programs=items.shape[0])  # one item per program: hardware load balance

@@ -55,7 +55,7 @@ with mbarrier waits. On the H200 they made prefill chunks 6-7% faster and, with 
 tiles, 13-20%. Decode steps timed from Python looked up to 1.7x slower with them (session 6's variant
 tables), so decode kept pointer loads until session 13 found that was launch host time (two tensor
 descriptors per launch): as CUDA-graph replays, the engine's decode path, decode steps with TMA, 64-row
-tiles, 3 stages and page ids a block ahead were 3-33% faster on all 13 steps timed
+tiles, 3 stages and page ids a block ahead took 3-32% less time on all 13 steps timed
 (benchmarks/decode_anatomy.py).
 
 Page ids prefetched (`plan.prefetch_pages`; the planner's default for prefill steps with TMA): compiled for

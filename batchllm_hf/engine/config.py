@@ -60,7 +60,7 @@ class EngineConfig:
     attention_tma:       whether the triton backend reads whole key blocks through TMA tensor descriptors (Hopper
                          and later; pages of whole key blocks). None (default): in every step whose pages hold
                          whole 64-key blocks (page_size a multiple of 64, head_dim <= 128), with tiles of at most
-                         64 rows: measured 13-20% faster per prefill chunk and 3-33% per CUDA-graph decode step
+                         64 rows: measured 13-20% faster per prefill chunk and 3-32% of the time of a CUDA-graph decode step
                          (kernels/attention_plan.tma_default); True: also where that rule says no; False: never.
                          Same outputs either way.
     """

@@ -99,6 +99,13 @@ chunks reach 42-47% of the matmul rate (4 x 512 tokens at P = 2048: 340 -> 226 u
 (benchmarks/attention_ceiling.py): a dense Triton flash kernel without pages reaches 62-74% on the same
 shapes (128 x 128 tiles, 8 warps, TMA over contiguous KV), SDPA flash 36-43%, cuDNN 32-40%; 128-key TMA
 blocks need pages of 128 tokens, and the engine's are 64.
+Session 13 (benchmarks/results/2026-11-30-session13; decode rows now timed as CUDA-graph replays, the
+engine's decode path): with TMA decode steps, 40 of 61 P >= 2048 rows reach 70% of copy bandwidth (groups
+of one and of 4: 78-105%), 8.13x SDPA at the target row; prefill chunks 56-67% of the matmul rate. The 21
+misses are groups of 16-256 members. There the own items, one per sequence and KV head over a short own KV,
+read at about 30% of copy bandwidth (per-item latency; benchmarks/decode_anatomy.py splits a step by item
+kind), and neither wide own items, a 16-row-only kernel, nor loading item fields and output slots ahead of
+the key loops changed that.
 """
 
 from __future__ import annotations

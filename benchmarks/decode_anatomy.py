@@ -71,6 +71,23 @@ def OWN_VARIANTS(big, huge):  # own items: one KV head per item (the planner) or
     }
 
 
+PERSISTENT_STEPS = [
+    (1, 256, 2048, 64, 4, 8), (4, 64, 2048, 64, 4, 8), (16, 16, 2048, 64, 4, 8), (1, 256, 2048, 64, 8, 8),
+    (4, 64, 8192, 256, 4, 8), (8, 32, 2048, 256, 4, 8), (256, 1, 2048, 64, 8, 8), (50, 16, 2000, 250, 7, 4),
+]
+
+
+def PERSISTENT_VARIANTS(big, huge):  # programs that loop over items (GRID_STRIDE) instead of one per item
+    return {
+        "planner (one program per item)": [((None, None), ALL, True, {})],
+        **{f"planner, {n} programs per SM looping": [((None, None), ALL, True, {"num_programs": 132 * n})]
+           for n in (2, 4, 8)},
+        "own only (one program per item)": [((None, None), OWN_KINDS, True, {})],
+        **{f"own only, {n} programs per SM looping": [((None, None), OWN_KINDS, True, {"num_programs": 132 * n})]
+           for n in (2, 8)},
+    }
+
+
 def VARIANTS(big, huge):  # name: [(planner args (block_m, chunk), item kinds, merge, kernel overrides)] per launch
     return {
         "planner": [((None, None), ALL, True, {})],
@@ -111,14 +128,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--steps", type=int, default=None, help="only the first N steps")
-    parser.add_argument("--set", choices=["configs", "own"], default="configs",
-                        help="configs: session 13's tile/TMA variants (call 3); own: own-item variants (call 6)")
+    parser.add_argument("--set", choices=["configs", "own", "persistent"], default="configs",
+                        help="configs: session 13's tile/TMA variants (call 3); own: own-item variants (call 6); "
+                             "persistent: programs looping over items (call 8)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     ceilings = device_ceilings()
     print(json.dumps(ceilings), flush=True)
     rows, table = [], []
-    for groups, members, prefix, own, ratio, kv_heads in (STEPS if args.set == "configs" else OWN_STEPS)[: args.steps]:
+    for groups, members, prefix, own, ratio, kv_heads in {"configs": STEPS, "own": OWN_STEPS, "persistent": PERSISTENT_STEPS}[args.set][: args.steps]:
         q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio, num_kv_heads=kv_heads)
         scale = HEAD_DIM ** -0.5
         must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
@@ -148,7 +166,7 @@ def main() -> None:
 
         big = 64 if members * ratio > 16 else None
         huge = 128 if members * ratio >= 128 else big
-        chosen = VARIANTS if args.set == "configs" else OWN_VARIANTS
+        chosen = {"configs": VARIANTS, "own": OWN_VARIANTS, "persistent": PERSISTENT_VARIANTS}[args.set]
         variants = {name: [subplan(planned(*args), kinds, merge, **config)[0] for args, kinds, merge, config in spec]
                     for name, spec in chosen(big, huge).items()}
         if args.set == "configs":
@@ -175,6 +193,7 @@ def main() -> None:
                        frac_copy_bw=must_read / seconds / 1e9
                        / ceilings["copy_GBps"], max_err_vs_planner=err,
                        items=[int(p.num_items.item()) for p in plans],
+                       programs=[min(p.num_programs, p.items.shape[0]) for p in plans],
                        tiles=[[p.block_m, p.block_m_own, p.block_n, p.num_warps, p.num_stages, p.use_tma]
                               for p in plans])
             rows.append(row)

@@ -24,7 +24,10 @@ import torch
 
 from bench_kernels import HEAD_DIM, _static_plan, device_ceilings, make_step, timed
 from batchllm_hf.kernels import allocate_plan, plan_paged_attention
+from batchllm_hf.kernels import shared_prefix_triton as kernels
 from batchllm_hf.kernels.shared_prefix_triton import launch_shared_prefix_attention
+
+MERGE_DEFAULT = kernels.MERGE_ELEMENTS
 
 STEPS = [
     (256, 1, 2048, 64, 8, 8),    # groups of one: no regressions wanted
@@ -88,6 +91,18 @@ def PERSISTENT_VARIANTS(big, huge):  # programs that loop over items (GRID_STRID
     }
 
 
+MERGE_STEPS = PERSISTENT_STEPS
+
+
+def MERGE_VARIANTS(big, huge):  # the merge launch's share of a step, and its program size
+    return {
+        "planner": [((None, None), ALL, True, {})],
+        "planner, merge skipped (timing only: rows with partials left unmerged)": [((None, None), ALL, False, {})],
+        **{f"planner, merge of {e} elements per program": [((None, None), ALL, True, {"merge_elements": e})]
+           for e in (2048, 1024, 512)},
+    }
+
+
 def VARIANTS(big, huge):  # name: [(planner args (block_m, chunk), item kinds, merge, kernel overrides)] per launch
     return {
         "planner": [((None, None), ALL, True, {})],
@@ -128,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--steps", type=int, default=None, help="only the first N steps")
-    parser.add_argument("--set", choices=["configs", "own", "persistent"], default="configs",
+    parser.add_argument("--set", choices=["configs", "own", "persistent", "merge"], default="configs",
                         help="configs: session 13's tile/TMA variants (call 3); own: own-item variants (call 6); "
                              "persistent: programs looping over items (call 8)")
     args = parser.parse_args()
@@ -136,7 +151,8 @@ def main() -> None:
     ceilings = device_ceilings()
     print(json.dumps(ceilings), flush=True)
     rows, table = [], []
-    for groups, members, prefix, own, ratio, kv_heads in {"configs": STEPS, "own": OWN_STEPS, "persistent": PERSISTENT_STEPS}[args.set][: args.steps]:
+    for groups, members, prefix, own, ratio, kv_heads in {"configs": STEPS, "own": OWN_STEPS, "persistent": PERSISTENT_STEPS,
+                                                          "merge": MERGE_STEPS}[args.set][: args.steps]:
         q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio, num_kv_heads=kv_heads)
         scale = HEAD_DIM ** -0.5
         must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
@@ -166,7 +182,8 @@ def main() -> None:
 
         big = 64 if members * ratio > 16 else None
         huge = 128 if members * ratio >= 128 else big
-        chosen = {"configs": VARIANTS, "own": OWN_VARIANTS, "persistent": PERSISTENT_VARIANTS}[args.set]
+        chosen = {"configs": VARIANTS, "own": OWN_VARIANTS, "persistent": PERSISTENT_VARIANTS,
+                  "merge": MERGE_VARIANTS}[args.set]
         variants = {name: [subplan(planned(*args), kinds, merge, **config)[0] for args, kinds, merge, config in spec]
                     for name, spec in chosen(big, huge).items()}
         if args.set == "configs":
@@ -177,6 +194,7 @@ def main() -> None:
         step = [groups, members, prefix, own, ratio, kv_heads]
         cells = []
         for name, plans in variants.items():
+            kernels.MERGE_ELEMENTS = getattr(plans[-1], "merge_elements", MERGE_DEFAULT)
             try:
                 out.fill_(float("nan"))
                 seconds = timed(lambda: run(*plans))
@@ -185,10 +203,12 @@ def main() -> None:
                     run(*plans)
                 out.fill_(float("nan"))
                 replay_seconds = timed(graph.replay)
-                err = (out.float() - expected.float()).abs().max().item() if "only" not in name else None
+                err = (out.float() - expected.float()).abs().max().item() if "only" not in name and "skipped" not in name else None
             except Exception as error:  # noqa: BLE001 - one variant failing must not lose the rest
                 seconds = replay_seconds = float("nan")
                 err = repr(error)[:160]
+            finally:
+                kernels.MERGE_ELEMENTS = MERGE_DEFAULT
             row = dict(step=step, variant=name, time_us=seconds * 1e6, graph_us=replay_seconds * 1e6,
                        frac_copy_bw=must_read / seconds / 1e9
                        / ceilings["copy_GBps"], max_err_vs_planner=err,

@@ -123,6 +123,7 @@ except ImportError:  # pragma: no cover - older triton: pointer loads only
 from .paged import PagedAttentionMetadata
 
 _LOG2E = 1.4426950408889634
+MERGE_ELEMENTS = 4096  # (head, dim) elements per merge program: its query heads are MERGE_ELEMENTS // head_dim
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -550,7 +551,7 @@ def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, pref
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if plan.needs_merge:
-        block_h = min(triton.next_power_of_2(num_q_heads), max(1, 4096 // head_dim))
+        block_h = min(triton.next_power_of_2(num_q_heads), max(1, MERGE_ELEMENTS // head_dim))
         _merge_kernel[(num_tokens, triton.cdiv(num_q_heads, block_h))](
             out, lse, plan.part_out, plan.part_lse, plan.num_parts, plan.part_start,
             out.stride(0), out.stride(1), num_q_heads,

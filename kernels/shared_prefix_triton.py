@@ -104,8 +104,8 @@ engine's decode path): with TMA decode steps, 40 of 61 P >= 2048 rows reach 70% 
 of one and of 4: 78-105%), 8.13x SDPA at the target row; prefill chunks 56-67% of the matmul rate. The 21
 misses are groups of 16-256 members. There the own items, one per sequence and KV head over a short own KV,
 read at about 30% of copy bandwidth (per-item latency; benchmarks/decode_anatomy.py splits a step by item
-kind), and neither wide own items, a 16-row-only kernel, nor loading item fields and output slots ahead of
-the key loops changed that.
+kind), and neither wide own items, a 16-row-only kernel, programs looping over items, nor loading item
+fields and output slots ahead of the key loops changed that.
 """
 
 from __future__ import annotations
@@ -123,7 +123,11 @@ except ImportError:  # pragma: no cover - older triton: pointer loads only
 from .paged import PagedAttentionMetadata
 
 _LOG2E = 1.4426950408889634
-MERGE_ELEMENTS = 4096  # (head, dim) elements per merge program: its query heads are MERGE_ELEMENTS // head_dim
+# (head, dim) elements per merge program: its query heads are MERGE_ELEMENTS // head_dim. Session 13
+# (benchmarks/decode_anatomy.py --set merge, 8 decode steps as CUDA-graph replays): the merge launch takes
+# 6-11 us of a step; programs of 1024 elements (8 heads at head_dim 128) took 0.5-3.8 us less per step than
+# 4096 on all 8 steps, 2048 and 512 about as much.
+MERGE_ELEMENTS = 1024
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 

@@ -40,9 +40,9 @@ ABLATIONS = {
     "batchllm (fused ops off)": {"fused_ops": False},
     # not an ablation: session 3's default (decode steps of over 256 sequences, as in W-paper, ran eagerly)
     "batchllm (graphs up to 256 sequences)": {"max_graph_batch": 256},
-    # not ablations: TMA key loads in the attention kernel forced on in every step (the default since session 13:
-    # wherever pages hold whole 64-key blocks and head_dim <= 128, decode included), or never (session 12's
-    # decode steps: pointer loads, 128-row tiles for large groups, 2 stages)
+    # not ablations: TMA key loads in the attention kernel in every step (the default: prefill steps and, since
+    # session 13, CUDA-graph decode steps, where pages hold whole 64-key blocks), or never (decode steps as in
+    # session 12: pointer loads, 128-row tiles for large groups, 2 stages; prefill steps without TMA too)
     "batchllm (TMA key loads everywhere)": {"attention_tma": True},
     "batchllm (TMA key loads off)": {"attention_tma": False},
     # not ablations: session 8's defaults (steps of 8192 tokens; the shrinking tail padded into a captured

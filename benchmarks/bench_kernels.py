@@ -125,7 +125,10 @@ def bench_decode(groups, members, prefix, own, ratio, ceilings, flex=False, ref=
     q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio)
     scale = HEAD_DIM ** -0.5
     t0 = time.perf_counter()
-    plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM)
+    # the configuration of the engine's CUDA-graph decode plans (engine/decode_graphs.py): TMA key loads where
+    # the pages allow them; a per-step plan left to its default keeps decode on pointer loads (its eager launch)
+    plan = plan_paged_attention(meta, q.shape[1], NUM_KV_HEADS, HEAD_DIM,
+                                use_tma=attention_plan.tma_default(q.device, PAGE_SIZE, HEAD_DIM))
     plan_ms = (time.perf_counter() - t0) * 1e3
     out = torch.empty_like(q)
     step = lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan)  # noqa: E731
@@ -264,46 +267,50 @@ DECODE_VARIANT_STEPS = [  # (groups, members, prefix, own, ratio, KV heads)
 # block_m_own after planning (16: the CUDA-graph plan's), keys per block, warps, stages of the main loop,
 # stages of the masked loop (None: the main loop's); min_chunk_filled: the shortest KV chunk of a step
 # whose items already fill the GPU (1 << 30: session 3's rule, no split there); chunk: every item's KV chunk
-# (keys), as plan_paged_attention(chunk=...); use_tma: TMA key loads;
-# page_size: the KV pages (default VARIANT_PAGE_SIZE, the engine's; TMA needs pages of whole key blocks).
+# (keys), as plan_paged_attention(chunk=...); plan_tma: plan_paged_attention(use_tma=...); use_tma /
+# prefetch_pages: set after planning; page_size: the KV pages (default VARIANT_PAGE_SIZE, the engine's; TMA
+# needs pages of whole key blocks). Every variant is timed as a CUDA-graph replay (session 13: launched from
+# Python, TMA steps paid host time that sessions 6 and 9 read as slower kernels).
 VARIANT_PAGE_SIZE = 64
 DECODE_VARIANTS = [
-    ("planner (engine default)", {}),
-    ("planner, TMA key loads", {"use_tma": True}),
-    ("planner, TMA key loads, page ids prefetched", {"use_tma": True, "prefetch_pages": True}),
+    ("per-step planner (decode: pointer loads)", {}),
+    ("planner with use_tma=True (TMA, 64-row tiles, 3 stages, ids ahead)", {"plan_tma": True}),
     # (session 9 timed fixed KV chunks of 512 and 1024 here: no better, results/2026-11-29-session9)
     # (session 10 timed the spill-free or less-spilling variants of the 128-row decode configuration: the
     # masked loop at 1 stage, 32-key blocks, both, 8 warps. All slower on the 128-row steps, e.g. W-paper's
     # 270 / 296 / 303 / 361 us against the planner's 252: results/2026-11-30-session10, compile_check.py)
-    ("CUDA-graph plan tiles, TMA key loads", {"block_m": 64, "block_m_own": 16, "use_tma": True}),
     # (session 5's and 6's tables also timed the session-3 KV-split rule, a mixed step's tiles for decode rows
-    # and pages of 16: benchmarks/results/2026-11-29-session6/variants_after.txt)
-    # the engine's CUDA-graph plan itself: a static plan (decode_graphs.py's capacities), one program per
-    # item slot (the idle ones exit at once)
-    ("CUDA-graph static plan (tiles of the step it is first used on)", {"static": None}),
-    ("CUDA-graph static plan, 64-row prefix tiles (session 6)", {"static": None, "static_block_m": 64}),
+    # and pages of 16: benchmarks/results/2026-11-29-session6/variants_after.txt; session 13's
+    # benchmarks/decode_anatomy.py times tile, stage and TMA variants of one launch)
+    # the engine's CUDA-graph plan itself: a static plan (decode_graphs.py's capacities and TMA rule), one
+    # program per item slot (the idle ones exit at once)
+    ("CUDA-graph static plan (as the engine's)", {"static": None}),
 ]
 
 
 def _static_plan(meta, q, kv_heads, programs, block_m=None):
-    """A plan made like decode_graphs.py's: allocate_plan with its capacities for this batch and the tiles
+    """A plan made like decode_graphs.py's: allocate_plan with its capacities for this batch, TMA key loads
+    where `tma_default` allows them (then page ids a block ahead and a 1-stage masked loop), and the tiles
     `static_decode_tiles` picks for it (block_m: override the prefix tiles), then filled."""
-    from batchllm_hf.kernels.attention_plan import static_decode_tiles
+    from batchllm_hf.kernels.attention_plan import static_decode_tiles, tma_default
     seqs, ratio = meta.own_lens.shape[0], q.shape[1] // kv_heads
-    tiles = static_decode_tiles(meta.seq_group.cpu().numpy(), ratio, HEAD_DIM)
+    tma = tma_default(q.device, meta.page_size, HEAD_DIM)
+    tiles = static_decode_tiles(meta.seq_group.cpu().numpy(), ratio, HEAD_DIM, tma=tma)
     block_m, block_m_own, block_n, warps, stages = (block_m or tiles[0],) + tiles[1:]
     capacity = (-(-ratio // 16) + -(-ratio // 64)) * kv_heads * seqs + 4096
     buffers = allocate_plan(seqs, capacity, 4 * seqs + 4096, q.shape[1], HEAD_DIM, q.device, block_m=block_m,
                             block_m_own=block_m_own, block_n=block_n, num_warps=warps, num_stages=stages,
-                            num_programs=programs or capacity)
+                            num_programs=programs or capacity, use_tma=tma, prefetch_pages=tma,
+                            masked_stages=1 if tma else None)
     return plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, buffers=buffers)
 
 
 def _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out) -> tuple[float, float | str]:
-    """(seconds, max abs error vs the reference) of one planned step; (nan, the error) if it fails."""
+    """(seconds as a CUDA-graph replay, max abs error vs the reference) of one planned step; (nan, the error)
+    if it fails."""
     try:
         out.fill_(float("nan"))
-        t = timed(lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan))
+        t = timed_graph(lambda: paged_attention(q, k_cache, v_cache, meta, scale, out=out, plan=plan))
         return t, (out.float() - ref_out.float()).abs().max().item()
     except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: report, go on
         return float("nan"), repr(error)[:120]
@@ -344,7 +351,7 @@ def decode_variants(ceilings) -> list[dict]:
                     plan = _static_plan(meta, q, kv_heads, change["static"], change.get("static_block_m"))
                 else:
                     plan = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, block_m=change.get("block_m"),
-                                                chunk=change.get("chunk"))
+                                                chunk=change.get("chunk"), use_tma=change.get("plan_tma"))
             finally:
                 attention_plan._MIN_CHUNK_FILLED = default_min_chunk
             plan.block_m_own = change.get("block_m_own", plan.block_m_own)
@@ -352,8 +359,8 @@ def decode_variants(ceilings) -> list[dict]:
             plan.block_n = change.get("block_n", plan.block_n)
             plan.num_stages = change.get("num_stages", plan.num_stages)
             plan.masked_stages = change.get("masked_stages", plan.masked_stages)
-            plan.use_tma = change.get("use_tma", False)
-            plan.prefetch_pages = change.get("prefetch_pages", False)
+            plan.use_tma = change.get("use_tma", plan.use_tma)
+            plan.prefetch_pages = change.get("prefetch_pages", plan.prefetch_pages)
             t, err = _time_variant(q, k_cache, v_cache, meta, scale, plan, out, ref_out)
             rows.append(dict(step=[groups, members, prefix, own, ratio, kv_heads], variant=name, time_us=t * 1e6,
                              frac_copy_bw=must_read / t / 1e9 / ceilings["copy_GBps"], max_err=err,

@@ -1,15 +1,16 @@
 """Where a decode step's time goes: its prefix items and its own items timed apart, and under other kernels.
 
-    python benchmarks/decode_anatomy.py --out OUT_DIR     # on the GPU machine (about 3 minutes)
+    python benchmarks/decode_anatomy.py --out OUT_DIR [--set configs|own|persistent|merge]   # GPU machine
 
 The planner puts a decode step's prefix items (a group's rows against its shared prefix) and own items (a
-sequence's row against its own KV) into ONE launch, compiled with the tiles of the larger. Session 9's grid
-(benchmarks/results/2026-11-29-session9) left the memory-bound steps of large groups with short own KV at
-18-65% of copy bandwidth. This script splits such steps (same plan, items filtered by kind, the same
-workspace and merge) to find out which part holds them, and times the prefix items under the prefill
-configuration (64 x 64 tiles, 3 stages, TMA key loads, page ids a block ahead) and the own items in a
-kernel of 16-row tiles only. The "two launches" rows are the full step done that way (prefix launch, own
-launch, merge) and are checked against the planner's output.
+sequence's row against its own KV) into ONE launch. This script splits a step (same plan, items filtered by
+kind, the same workspace; "only" rows skip the merge where they hold no own items) to find out which part
+holds it, and times whole steps under other kernel configurations. Every variant is timed twice: launched
+from Python and as a CUDA-graph replay (the engine's decode path; a launch from Python adds host time, TMA
+launches most), and every whole-step variant is checked against the planner's output.
+Sets (session 13, benchmarks/results/2026-11-30-session13): configs (call 3: tiles, stages, TMA, page ids
+ahead, static plans), own (call 6: wide own items), persistent (call 8: programs looping over items), merge
+(call 9: the merge launch's share and program size). Fractions of copy bandwidth use the replay time.
 """
 
 from __future__ import annotations
@@ -143,9 +144,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--steps", type=int, default=None, help="only the first N steps")
+    parser.add_argument("--tma", action="store_const", const=True, default=None,
+                        help="plan with use_tma=True (the engine's CUDA-graph decode configuration); calls 6, 8 "
+                             "and 9 ran when that was the per-step default, so repeat them with --tma")
     parser.add_argument("--set", choices=["configs", "own", "persistent", "merge"], default="configs",
                         help="configs: session 13's tile/TMA variants (call 3); own: own-item variants (call 6); "
-                             "persistent: programs looping over items (call 8)")
+                             "persistent: programs looping over items (call 8); merge: the merge launch (call 9)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     ceilings = device_ceilings()
@@ -157,7 +161,7 @@ def main() -> None:
         scale = HEAD_DIM ** -0.5
         must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
                      + 2 * q.numel() * q.element_size())
-        base = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM)
+        base = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, use_tma=args.tma)
         out, lse = torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")
         launch_shared_prefix_attention(q, k_cache, v_cache, meta, scale, base, out=out, lse=lse)
         expected = out.clone()
@@ -171,7 +175,8 @@ def main() -> None:
         def planned(block_m=None, chunk=None, wide=False):
             if (block_m, chunk, wide) not in plans:
                 plans[block_m, chunk, wide] = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM,
-                                                                   block_m=block_m, chunk=chunk, wide=wide)
+                                                                   block_m=block_m, chunk=chunk, wide=wide,
+                                                                   use_tma=args.tma)
             return plans[block_m, chunk, wide]
 
         def static(**config):
@@ -210,7 +215,7 @@ def main() -> None:
             finally:
                 kernels.MERGE_ELEMENTS = MERGE_DEFAULT
             row = dict(step=step, variant=name, time_us=seconds * 1e6, graph_us=replay_seconds * 1e6,
-                       frac_copy_bw=must_read / seconds / 1e9
+                       frac_copy_bw=must_read / replay_seconds / 1e9
                        / ceilings["copy_GBps"], max_err_vs_planner=err,
                        items=[int(p.num_items.item()) for p in plans],
                        programs=[min(p.num_programs, p.items.shape[0]) for p in plans],

@@ -39,8 +39,8 @@ def main():
         for p in prompts:
             ids = torch.tensor([p], device="cuda")
             ref.append(model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)[0, len(p):].tolist())
-        # page_size None: the engine's default on a GPU (64: prefill chunks take TMA key loads with page ids
-        # prefetched in bf16; fp32 keeps pointer loads); the other rows keep pages of 16
+        # page_size None: the engine's default on a GPU (64: prefill chunks and CUDA-graph decode steps take TMA
+        # key loads with page ids prefetched in bf16; fp32 keeps pointer loads); the other rows keep pages of 16
         for backend, shared, graphs, page_size in (("triton", True, True, None), ("triton", False, True, 16),
                                                    ("triton", True, False, 16), ("sdpa", True, False, 16)):
             try:

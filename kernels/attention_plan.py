@@ -145,11 +145,12 @@ def tile_config(max_prefix_rows: int, max_own_rows: int, head_dim: int,
 
 
 def tma_default(device: torch.device | str, page_size: int | None, head_dim: int) -> bool:
-    """Whether a plan reads its unmasked key blocks through TMA when the caller leaves it open (use_tma=None):
-    pages that hold whole 64-key blocks, head_dim <= 128 (the measured tiles), and a Hopper-or-later GPU (or
-    the CPU interpreter). Measured faster there in prefill chunks (sessions 6-8) and in decode steps run as
-    CUDA-graph replays (session 13). Launched eagerly, a TMA step costs more host time (two tensor
-    descriptors per launch): decode steps timed from Python were slower with it on some steps."""
+    """Whether TMA key loads suit a KV pool: pages that hold whole 64-key blocks, head_dim <= 128 (the
+    measured tiles), and a Hopper-or-later GPU (or the CPU interpreter). The default for prefill steps
+    (plan_attention with use_tma=None; sessions 6-8: faster on every prefill chunk) and for the engine's
+    CUDA-graph decode plans (engine/decode_graphs.py; session 13: 3-32% less time per decode step as a
+    replay). Decode steps launched from Python keep pointer loads: two tensor descriptors per launch cost
+    host time there."""
     device = torch.device(device)
     return (page_size is not None and page_size % 64 == 0 and head_dim <= 128
             and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9))
@@ -222,12 +223,13 @@ def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_
 
     num_sms defaults to the device's; block_m and chunk (KV tokens per work item) override the heuristics
     (tests use them to force splits and tile shapes); wide=True lets decode-sized row sets run wide;
-    use_tma=True reads the unmasked key blocks through TMA tensor descriptors where the launch allows it;
-    None (default) does so where `tma_default` says (pages of whole 64-key blocks on Hopper or later), with
-    64-row tiles at most: on an H200 that was 13-20% faster on every prefill chunk measured and took 3-32% less time
-    on every decode step timed as a CUDA-graph replay (session 13), while eager launches of it cost more
-    host time. Before session 13 decode steps kept pointer loads: timed eagerly, TMA was up to 1.7x slower on some
-    decode steps (session 6's variant tables).
+    use_tma=True reads the unmasked key blocks through TMA tensor descriptors where the launch allows it, with
+    tiles of at most 64 rows, 3 stages, page ids a block ahead: on an H200 (session 13) decode steps run as
+    CUDA-graph replays took 3-32% less time so, on every one of 13 steps (the engine's CUDA-graph decode plans
+    do this: `tma_default`); None (default) does so for prefill steps whose pages hold whole 64-key blocks
+    (13-20% faster on every prefill chunk measured), and leaves decode steps planned per step on pointer
+    loads: launched from Python, TMA's tensor descriptors cost host time that made 5 of 13 decode steps
+    slower (up to 1.6x; sessions 6 and 9 had read that as a slower kernel).
     A static plan (`buffers`) keeps the choice it was allocated with."""
     tensors = (meta.q_starts, meta.own_lens, meta.seq_group, meta.prefix_lens)
     arrays = [t.cpu().numpy().astype(np.int64) for t in tensors]
@@ -319,8 +321,12 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
 
     total_rows = int(run_rows.sum() + own_rows.sum())
     max_own_rows = int(own_rows[~own_wide].max(initial=0))
-    if use_tma is None:  # TMA key loads where measured faster: pages of whole 64-key blocks (tma_default)
-        use_tma = tma_default(device, page_size, head_dim)
+    prefill = is_prefill_step(max_own_rows, total_rows, head_dim)
+    if use_tma is None:  # TMA key loads where measured faster: prefill steps whose pages allow it (tma_default).
+        # A decode step planned per step is launched from Python, where TMA's two tensor descriptors per launch
+        # cost host time (session 13: 5 of 13 decode steps slower so, up to 1.6x); the engine's CUDA-graph
+        # decode plans take TMA (engine/decode_graphs.py), and use_tma=True gives a per-step plan the same.
+        use_tma = prefill and tma_default(device, page_size, head_dim)
     if buffers is not None:
         bm, bmo = buffers.block_m, buffers.block_m_own
         bn, warps, stages = buffers.block_n, buffers.num_warps, buffers.num_stages
@@ -438,7 +444,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     flat_items, plan_parts, plan_starts = packed.split([items.size, num_tokens, num_tokens])
     tensors = dict(items=flat_items.view(items.shape[0], NUM_FIELDS), num_parts=plan_parts, part_start=plan_starts)
     if buffers is None:
-        use_tma = bool(use_tma)
+        tma_tiles = bool(use_tma) and head_dim <= 128  # the measured TMA configurations (64-key blocks)
         buffers = allocate_plan(num_tokens, items.shape[0], num_part_slots, num_q_heads, head_dim, device,
                                 block_m=bm, block_m_own=bmo, block_n=bn, block_m_wide=bmw, block_n_wide=bnw,
                                 wide=bool(run_wide.any() or own_wide.any()),
@@ -451,7 +457,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                                 # loads made steps 0-27% slower, a 2-stage main loop up to 26%; the masked
                                 # loop's stages were not varied for decode). A launch that falls back to
                                 # pointer loads keeps the 1-stage masked loop (fp32 or pages of partial blocks).
-                                prefetch_pages=use_tma, masked_stages=1 if use_tma else None,
+                                prefetch_pages=tma_tiles, masked_stages=1 if tma_tiles else None,
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0
         buffers.has_small = bool(((items[:, 0] == 2) | (items[:, 0] == 3)).any())

@@ -45,8 +45,8 @@ Limits: head_dim a power of two in [16, 256]; dtypes fp16/bf16 (fp32 for tests: 
 outputs in q's dtype, lse fp32 natural log; inference only (no backward); no sliding window, ALiBi or
 softcap; KV in the query's dtype (no FP8 KV).
 
-TMA key loads (`plan.use_tma`; by default in every step whose pages hold whole 64-key blocks, see
-attention_plan.tma_default; EngineConfig.attention_tma): the unmasked key blocks of an item whose
+TMA key loads (`plan.use_tma`; by default in prefill steps and the engine's CUDA-graph decode steps whose
+pages hold whole 64-key blocks, see attention_plan.tma_default; EngineConfig.attention_tma): the unmasked key blocks of an item whose
 KV range starts on a BLOCK_N boundary are read through tensor descriptors over the pool viewed as
 (pages * page_size, Hkv * D), one page lookup per block instead of one per key; the launcher turns them on
 only for a contiguous shared pool whose pages hold whole blocks (page_size % BLOCK_N == 0) on sm_90 or later.
@@ -56,15 +56,16 @@ tiles, 13-20%. Decode steps timed from Python looked up to 1.7x slower with them
 tables), so decode kept pointer loads until session 13 found that was launch host time (two tensor
 descriptors per launch): as CUDA-graph replays, the engine's decode path, decode steps with TMA, 64-row
 tiles, 3 stages and page ids a block ahead took 3-32% less time on all 13 steps timed
-(benchmarks/decode_anatomy.py).
+(benchmarks/decode_anatomy.py). Decode steps planned per step, launched from Python, keep pointer loads.
 
-Page ids prefetched (`plan.prefetch_pages`; the planner's default for prefill steps with TMA): compiled for
+Page ids prefetched (`plan.prefetch_pages`; the planner's default with TMA at head_dim <= 128): compiled for
 sm_90a, a TMA key loop that looks each block's page id up right before its loads keeps two TMA buffers where
 three stages are asked for (the lookup takes a pipeline stage); loading the id one block ahead, as a
 loop-carried scalar, gives the third (64 x 64 prefill tiles with an unpipelined masked loop: 83 -> 116 KiB of
 shared memory; 128 x 64 with 8 warps: 98 -> 132 KiB, the dense kernel's own figure). On the H200 (session 8,
-`bench_kernels.py --prefill-variants`) prefill chunks went from 44-47% to 54-64% of the matmul rate; decode
-steps moved by -25% to +8%, so decode plans leave it off.
+`bench_kernels.py --prefill-variants`) prefill chunks went from 44-47% to 54-64% of the matmul rate. Decode
+steps timed from Python moved by -25% to +8%; as CUDA-graph replays (session 13) the lookup before each
+block's loads made them 0-27% slower than the prefetch, so TMA decode plans take it too.
 
 Compiled branches: a plan made for its step launches one program per item (no grid-stride loop: the loop
 kept each item's state live across iterations, and prefill tiles spilled 744 bytes with it against 32
@@ -76,8 +77,9 @@ grid-stride loop.
 Tested: against `paged_attention_reference` (outputs and lse, NaN-poisoned outputs and workspace) under
 TRITON_INTERPRET=1 on CPU (tests/kernels, triton 3.9), every change, TMA loads included, and inside the
 engine through this kernel against HF generate (tests/engine). On one H200 (torch 2.11, triton 3.6):
-every session's kernel gave tokens identical to HF generate for 17 of 17 prompts in fp32 inside the engine
-(benchmarks/engine_gpu_check.py, eager and CUDA-graph decode); session 5's full grid (`bench_kernels.py
+every session's kernel through session 12 gave tokens identical to HF generate for 17 of 17 prompts in fp32
+inside the engine (benchmarks/engine_gpu_check.py, eager and CUDA-graph decode; session 13 ran its bf16
+half only: 16 of 17 as in every session, TMA decode included); session 5's full grid (`bench_kernels.py
 --check`: 101 rows plus the real-shape checks against the reference, GQA 1/4/7/8, head dims 64/128/256,
 fp16/bf16, splits, prefill chunks, a CUDA-graph replay) matched SDPA within 3e-2 on every row.
 Measured (bf16, Hkv 8, D 128, 256 requests, page 16; benchmarks/results/2026-11-29-session5, the planner

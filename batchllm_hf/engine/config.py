@@ -58,11 +58,11 @@ class EngineConfig:
                          Triton kernels (engine/fused_model.py; known Llama-family classes only) instead of
                          HF's chains of torch ops.
     attention_tma:       whether the triton backend reads whole key blocks through TMA tensor descriptors (Hopper
-                         and later; pages of whole key blocks). None (default): in every step whose pages hold
-                         whole 64-key blocks (page_size a multiple of 64, head_dim <= 128), with tiles of at most
-                         64 rows: measured 13-20% faster per prefill chunk and 3-32% of the time of a CUDA-graph decode step
-                         (kernels/attention_plan.tma_default); True: also where that rule says no; False: never.
-                         Same outputs either way.
+                         and later; pages of whole key blocks). None (default): where pages hold whole 64-key
+                         blocks (page_size a multiple of 64, head_dim <= 128; kernels/attention_plan.tma_default)
+                         in prefill steps (13-20% faster per chunk) and CUDA-graph decode steps (3-32% less time
+                         per step, session 13), not in decode steps launched eagerly (the descriptors' host
+                         time); True: in every step; False: never. Same outputs either way.
     """
 
     page_size: int | None = None

@@ -150,7 +150,7 @@ class PagedCache(Cache):
         self.num_heads = (model.config.get_text_config().num_attention_heads, num_kv_heads, head_dim)
         self.backend = backend or ("triton" if device.type == "cuda" else "sdpa")
         self.step: Step | None = None
-        self.attention_tma = None  # EngineConfig.attention_tma: TMA key loads (triton backend; None: where usable)
+        self.attention_tma = None  # EngineConfig.attention_tma: TMA key loads (triton backend; None: prefill + graph decode)
         # The Triton kernels never load a key past a sequence's length, so their pool needs no zero fill
         # (filling ~100 GiB took 0.2 s per engine on an H200); the torch paths gather whole pages and
         # mask afterwards, where stale NaN bit patterns would poison the masked product, so they get zeros.

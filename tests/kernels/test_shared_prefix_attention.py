@@ -287,7 +287,7 @@ def test_fused_prefill_items(use_tma, page_size, prefetch, monkeypatch):
 
 def test_planner_default_tma_and_compiled_branches():
     # use_tma=None (the default): TMA key loads, with 64 x 64 prefill tiles, page ids loaded a block ahead and
-    # a 1-stage masked loop, for steps whose pages hold whole 64-key blocks; pages of 16 keep
+    # a 1-stage masked loop, for prefill steps whose pages hold whole 64-key blocks; pages of 16 keep
     # pointer loads and 128-row tiles. has_small / has_fused: the kernel branches a plan needs compiled (a
     # step of long prefill chunks alone is compiled without the 16-row branch; with decode rows, with it).
     from batchllm_hf.kernels.attention_plan import plan_attention
@@ -313,19 +313,21 @@ def test_planner_default_tma_and_compiled_branches():
     assert (pointer.block_m_own, pointer.block_n, pointer.use_tma, pointer.prefetch_pages) == (128, 32, False, False)
     mixed = plan([512] * 4 + [1] * 8, [512] * 4 + [40] * 8)
     assert (mixed.use_tma, mixed.has_small) == (True, True)
-    # decode steps take TMA too (session 13: faster as CUDA-graph replays), tiles of at most 64 rows, 3 stages,
-    # page ids a block ahead, a 1-stage masked loop; pages of 16 keep pointer loads, 2 stages, 128-row tiles
+    # decode steps planned per step (launched from Python) keep pointer loads, 2 stages, 128-row tiles for
+    # large groups; use_tma=True (what the engine's CUDA-graph plans take, session 13) gives them tiles of at
+    # most 64 rows, 3 stages, page ids a block ahead and a 1-stage masked loop
     decode = plan([1] * 64, [40] * 64)
-    assert (decode.block_m, decode.block_m_own, decode.block_n, decode.num_stages) == (64, 64, 64, 3)
-    assert (decode.use_tma, decode.prefetch_pages, decode.masked_stages) == (True, True, 1)
-    assert (decode.has_small, decode.has_fused) == (True, False)
+    assert (decode.block_m_own, decode.num_stages, decode.use_tma, decode.has_small, decode.has_fused) == (
+        16, 2, False, True, False)
     large = plan([1] * 512, [40] * 512)  # 2048 prefix rows
-    assert (large.block_m, large.use_tma) == (64, True)
-    large_pointer = plan([1] * 512, [40] * 512, page_size=16)
-    assert (large_pointer.block_m, large_pointer.block_m_own, large_pointer.num_stages) == (128, 16, 2)
-    assert (large_pointer.use_tma, large_pointer.prefetch_pages, large_pointer.masked_stages) == (False, False, None)
+    assert (large.block_m, large.block_m_own, large.num_stages, large.use_tma) == (128, 16, 2, False)
+    forced = plan([1] * 512, [40] * 512, use_tma=True)
+    assert (forced.block_m, forced.block_m_own, forced.block_n, forced.num_stages) == (64, 64, 64, 3)
+    assert (forced.use_tma, forced.prefetch_pages, forced.masked_stages) == (True, True, 1)
     assert not plan(*chunks, use_tma=False).use_tma and not plan(*chunks, use_tma=False).prefetch_pages
-    assert plan([1] * 64, [40] * 64, head_dim=256).use_tma is False  # untimed head dims keep pointer loads
+    wide_head = plan([1] * 64, [40] * 64, head_dim=256, use_tma=True)  # untimed with TMA: no prefetch there
+    assert (wide_head.use_tma, wide_head.prefetch_pages, wide_head.masked_stages) == (True, False, None)
+    assert not plan(*chunks, head_dim=256).use_tma  # head_dim 256 never gets the prefill tiles
     with pytest.raises(ValueError, match="16-row"):  # a prefill plan's kernel has no 16-row branch to reuse
         plan([1] * 64, [40] * 64, buffers=prefill)
 

@@ -292,7 +292,7 @@ def _static_plan(meta, q, kv_heads, programs, block_m=None):
     """A plan made like decode_graphs.py's: allocate_plan with its capacities for this batch, TMA key loads
     where `tma_default` allows them (then page ids a block ahead and a 1-stage masked loop), and the tiles
     `static_decode_tiles` picks for it (block_m: override the prefix tiles), then filled."""
-    from batchllm_hf.kernels.attention_plan import static_decode_tiles, tma_default
+    from batchllm_hf.kernels.attention_plan import static_decode_tiles, tma_default, tma_loop_options
     seqs, ratio = meta.own_lens.shape[0], q.shape[1] // kv_heads
     tma = tma_default(q.device, meta.page_size, HEAD_DIM)
     tiles = static_decode_tiles(meta.seq_group.cpu().numpy(), ratio, HEAD_DIM, tma=tma)
@@ -300,8 +300,7 @@ def _static_plan(meta, q, kv_heads, programs, block_m=None):
     capacity = (-(-ratio // 16) + -(-ratio // 64)) * kv_heads * seqs + 4096
     buffers = allocate_plan(seqs, capacity, 4 * seqs + 4096, q.shape[1], HEAD_DIM, q.device, block_m=block_m,
                             block_m_own=block_m_own, block_n=block_n, num_warps=warps, num_stages=stages,
-                            num_programs=programs or capacity, use_tma=tma, prefetch_pages=tma,
-                            masked_stages=1 if tma else None)
+                            num_programs=programs or capacity, use_tma=tma, **tma_loop_options(tma, HEAD_DIM))
     return plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, buffers=buffers)
 
 

@@ -137,7 +137,7 @@ def subplan(plan, kinds, merge: bool, **config):
     sub.block_m_own = config.pop("block_m_own", block_m if set(kinds) == set(PREFIX_KINDS) else sub.block_m_own)
     for key, value in config.items():
         setattr(sub, key, value)
-    return sub, items.shape[0]
+    return sub
 
 
 def main() -> None:
@@ -189,7 +189,7 @@ def main() -> None:
         huge = 128 if members * ratio >= 128 else big
         chosen = {"configs": VARIANTS, "own": OWN_VARIANTS, "persistent": PERSISTENT_VARIANTS,
                   "merge": MERGE_VARIANTS}[args.set]
-        variants = {name: [subplan(planned(*args), kinds, merge, **config)[0] for args, kinds, merge, config in spec]
+        variants = {name: [subplan(planned(*args), kinds, merge, **config) for args, kinds, merge, config in spec]
                     for name, spec in chosen(big, huge).items()}
         if args.set == "configs":
             variants["CUDA-graph static plan (engine today)"] = [_static_plan(meta, q, kv_heads, None)]

@@ -156,6 +156,17 @@ def tma_default(device: torch.device | str, page_size: int | None, head_dim: int
             and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9))
 
 
+def tma_loop_options(use_tma: bool, head_dim: int) -> dict:
+    """allocate_plan's key-loop options for a plan with or without TMA key loads: with the measured TMA tiles
+    (head_dim <= 128), page ids a block ahead and a 1-stage masked loop (prefill, session 8: 179 / 569 / 306 /
+    457 us against 188 / 565 / 325 / 486 with 3 masked stages and 223 / 762 / 384 / 568 without the prefetch;
+    decode as CUDA-graph replays, session 13's decode_anatomy.py: ids looked up before each block's loads made
+    steps 0-27% slower, a 2-stage main loop up to 26%; the masked loop's stages were not varied for decode).
+    A launch that falls back to pointer loads keeps the 1-stage masked loop (fp32 or pages of partial blocks)."""
+    tiles = bool(use_tma) and head_dim <= 128
+    return {"prefetch_pages": tiles, "masked_stages": 1 if tiles else None}
+
+
 def static_decode_tiles(seq_group: np.ndarray, ratio: int, head_dim: int,
                         tma: bool = False) -> tuple[int, int, int, int, int]:
     """The tiles of a static (CUDA-graph) decode plan first used on a decode step whose sequences are in
@@ -444,20 +455,12 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     flat_items, plan_parts, plan_starts = packed.split([items.size, num_tokens, num_tokens])
     tensors = dict(items=flat_items.view(items.shape[0], NUM_FIELDS), num_parts=plan_parts, part_start=plan_starts)
     if buffers is None:
-        tma_tiles = bool(use_tma) and head_dim <= 128  # the measured TMA configurations (64-key blocks)
         buffers = allocate_plan(num_tokens, items.shape[0], num_part_slots, num_q_heads, head_dim, device,
                                 block_m=bm, block_m_own=bmo, block_n=bn, block_m_wide=bmw, block_n_wide=bnw,
                                 wide=bool(run_wide.any() or own_wide.any()),
                                 num_warps=warps, num_stages=stages,
                                 use_tma=use_tma,
-                                # TMA: page ids one block ahead and a 1-stage masked loop (prefill, session 8,
-                                # bench_kernels --prefill-variants: 179 / 569 / 306 / 457 us against 188 / 565 /
-                                # 325 / 486 with 3 masked stages and 223 / 762 / 384 / 568 without the prefetch;
-                                # decode, session 13's decode_anatomy.py: ids looked up before each block's
-                                # loads made steps 0-27% slower, a 2-stage main loop up to 26%; the masked
-                                # loop's stages were not varied for decode). A launch that falls back to
-                                # pointer loads keeps the 1-stage masked loop (fp32 or pages of partial blocks).
-                                prefetch_pages=tma_tiles, masked_stages=1 if tma_tiles else None,
+                                **tma_loop_options(use_tma, head_dim),
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0
         buffers.has_small = bool(((items[:, 0] == 2) | (items[:, 0] == 3)).any())

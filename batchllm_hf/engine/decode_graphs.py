@@ -44,7 +44,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..kernels.attention_plan import plan_attention, static_decode_tiles, tile_config, tma_default
+from ..kernels.attention_plan import plan_attention, static_decode_tiles, tile_config, tma_default, tma_loop_options
 from ..kernels.paged import PagedAttentionMetadata
 from .kv_pool import PagedCache, Step, step_activation_bytes
 from .paged_sdpa import StepShape
@@ -120,8 +120,8 @@ class DecodeGraphs:
             tiles = -(-ratio // 16) + -(-ratio // 64)
             self.plan = allocate_plan(b, tiles * num_kv_heads * b + 4096, 4 * b + 4096, num_q_heads, head_dim, device,
                                       block_m=block_m, block_m_own=block_m_own, block_n=block_n,
-                                      num_warps=num_warps, num_stages=num_stages, use_tma=tma, prefetch_pages=tma,
-                                      masked_stages=1 if tma else None)
+                                      num_warps=num_warps, num_stages=num_stages, use_tma=tma,
+                                      **tma_loop_options(tma, head_dim))
         self._reset_padding(0, b)
 
     def _reset_padding(self, lo: int, hi: int) -> None:

@@ -45,7 +45,7 @@ STEPS = [
     (1, 256, 8192, 64, 8, 8),    # compute-bound (31% of max(bytes, FLOPs) bound)
     (50, 16, 2000, 250, 7, 4),   # W-paper's decode step
 ]
-PREFIX_KINDS, OWN_KINDS = (1, 3, 5), (0, 2, 4, 8)
+PREFIX_KINDS, OWN_KINDS = (1, 3, 5), (0, 2, 4, 8, 16)
 PREFILL_TILES = dict(block_n=64, num_warps=4, num_stages=3, masked_stages=1, use_tma=True, prefetch_pages=True)
 POINTER_3 = dict(block_n=64, num_warps=4, num_stages=3, masked_stages=1, use_tma=False, prefetch_pages=False)
 WIDE_8 = dict(block_n=64, num_warps=8, num_stages=3, masked_stages=1, use_tma=True, prefetch_pages=True)
@@ -93,6 +93,19 @@ def PERSISTENT_VARIANTS(big, huge):  # programs that loop over items (GRID_STRID
 
 
 MERGE_STEPS = PERSISTENT_STEPS
+PACK_STEPS = OWN_STEPS + [(16, 16, 8192, 256, 8, 8), (4, 64, 8192, 64, 4, 8), (1, 256, 8192, 64, 8, 8),
+                          (64, 4, 2048, 1024, 4, 8), (8, 32, 2048, 1024, 4, 8)]
+
+
+def PACK_VARIANTS(big, huge):  # packed items: several decode tokens' own KV in one pipelined loop
+    return {
+        "planner": [((None, None), ALL, True, {})],
+        "planner, packed": [((None, None, False, True), ALL, True, {})],
+        "own only": [((None, None), OWN_KINDS, True, {})],
+        "own only, packed": [((None, None, False, True), OWN_KINDS, True, {})],
+        "planner, packed, 2 stages": [((None, None, False, True), ALL, True, {"num_stages": 2})],
+        "planner, packed, 4 stages": [((None, None, False, True), ALL, True, {"num_stages": 4})],
+    }
 
 
 def MERGE_VARIANTS(big, huge):  # the merge launch's share of a step, and its program size
@@ -131,7 +144,8 @@ def subplan(plan, kinds, merge: bool, **config):
     sub = dataclasses.replace(plan, items=items, num_items=torch.tensor([items.shape[0]], dtype=torch.int32,
                                                                          device=items.device),
                               num_programs=max(1, items.shape[0]), needs_merge=merge and plan.needs_merge,
-                              has_small=bool(kinds_held & {2, 3}), has_fused=8 in kinds_held)
+                              has_small=bool(kinds_held & {2, 3}), has_fused=8 in kinds_held,
+                              has_packed=16 in kinds_held)
     block_m = config.pop("block_m", sub.block_m)
     sub.block_m = block_m
     sub.block_m_own = config.pop("block_m_own", block_m if set(kinds) == set(PREFIX_KINDS) else sub.block_m_own)
@@ -147,16 +161,17 @@ def main() -> None:
     parser.add_argument("--tma", action="store_const", const=True, default=None,
                         help="plan with use_tma=True (the engine's CUDA-graph decode configuration); calls 6, 8 "
                              "and 9 ran when that was the per-step default, so repeat them with --tma")
-    parser.add_argument("--set", choices=["configs", "own", "persistent", "merge"], default="configs",
+    parser.add_argument("--set", choices=["configs", "own", "persistent", "merge", "pack"], default="configs",
                         help="configs: session 13's tile/TMA variants (call 3); own: own-item variants (call 6); "
-                             "persistent: programs looping over items (call 8); merge: the merge launch (call 9)")
+                             "persistent: programs looping over items (call 8); merge: the merge launch (call 9); "
+                             "pack: packed decode items (session 14)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     ceilings = device_ceilings()
     print(json.dumps(ceilings), flush=True)
     rows, table = [], []
     for groups, members, prefix, own, ratio, kv_heads in {"configs": STEPS, "own": OWN_STEPS, "persistent": PERSISTENT_STEPS,
-                                                          "merge": MERGE_STEPS}[args.set][: args.steps]:
+                                                          "merge": MERGE_STEPS, "pack": PACK_STEPS}[args.set][: args.steps]:
         q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio, num_kv_heads=kv_heads)
         scale = HEAD_DIM ** -0.5
         must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
@@ -172,12 +187,12 @@ def main() -> None:
 
         plans = {}
 
-        def planned(block_m=None, chunk=None, wide=False):
-            if (block_m, chunk, wide) not in plans:
-                plans[block_m, chunk, wide] = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM,
-                                                                   block_m=block_m, chunk=chunk, wide=wide,
-                                                                   use_tma=args.tma)
-            return plans[block_m, chunk, wide]
+        def planned(block_m=None, chunk=None, wide=False, pack=False):
+            if (block_m, chunk, wide, pack) not in plans:
+                plans[block_m, chunk, wide, pack] = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM,
+                                                                         block_m=block_m, chunk=chunk, wide=wide,
+                                                                         use_tma=args.tma, pack=pack)
+            return plans[block_m, chunk, wide, pack]
 
         def static(**config):
             seqs = meta.own_lens.shape[0]
@@ -188,7 +203,7 @@ def main() -> None:
         big = 64 if members * ratio > 16 else None
         huge = 128 if members * ratio >= 128 else big
         chosen = {"configs": VARIANTS, "own": OWN_VARIANTS, "persistent": PERSISTENT_VARIANTS,
-                  "merge": MERGE_VARIANTS}[args.set]
+                  "merge": MERGE_VARIANTS, "pack": PACK_VARIANTS}[args.set]
         variants = {name: [subplan(planned(*args), kinds, merge, **config) for args, kinds, merge, config in spec]
                     for name, spec in chosen(big, huge).items()}
         if args.set == "configs":

@@ -59,6 +59,8 @@ from .paged import PagedAttentionMetadata
 # for other kinds).
 NUM_FIELDS = 13
 FUSED = 8
+PACKED = 16  # kind of a packed item: decode tokens of consecutive sequences, one KV head, their own KV in one loop
+PACK_MAX_KEYS = 1024  # own ranges up to this long are packed (longer ones stream many blocks in their own item)
 NO_CAUSAL = 1 << 30
 SMALL_TILE = 16
 PREFILL_TILE = 128  # rows: a step whose own row sets are this large gets the prefill tiles; members whose
@@ -68,6 +70,7 @@ _MIN_CHUNK = 256
 _MIN_CHUNK_WIDE = 128
 _PROGRAMS_PER_SM = 4
 _MIN_CHUNK_FILLED = 2048  # shortest KV chunk when the step's unsplit items already fill the GPU
+PACK_DEFAULT = False  # per-step plans pack decode own items unless told (pack=); see _pack_decode
 
 
 @dataclass
@@ -97,6 +100,8 @@ class PagedAttentionPlan:
     prefetch_pages: bool = False  # TMA key loops load each block's page id one block ahead (the planner's default
     # with TMA: a third TMA buffer; session 8, H200: 4 x 512 tokens at P=2048 / 8192 in 179 / 569 us against
     # 223 / 762 with the lookup before each load; session 13: decode steps as CUDA-graph replays took 0-21% less time)
+    token_kv: torch.Tensor | None = None  # (max_tokens,) int32: own keys visible to each query token (packed items)
+    has_packed: bool = False   # the plan may hold packed items (else the kernel is compiled without them)
 
 
 def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:
@@ -193,7 +198,7 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
                   block_m_wide: int | None = None, block_n_wide: int | None = None, wide: bool = False,
                   num_warps: int = 4, num_stages: int = 3, num_programs: int | None = None,
                   masked_stages: int | None = None, use_tma: bool = False,
-                  prefetch_pages: bool = False) -> PagedAttentionPlan:
+                  prefetch_pages: bool = False, packed: bool = False) -> PagedAttentionPlan:
     """Static buffers for CUDA-graph capture (fill them with `plan_paged_attention(..., buffers=plan)`).
 
     The kernel's grid has one program per item slot (the idle ones exit at once) unless `num_programs` is
@@ -212,6 +217,7 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
         block_n_wide=block_n_wide or default_n_wide, has_wide=wide, num_warps=num_warps, num_stages=num_stages,
         needs_merge=True, num_programs=min(num_programs or max_items, max_items), masked_stages=masked_stages,
         use_tma=use_tma, prefetch_pages=prefetch_pages,
+        token_kv=torch.empty((max_tokens,), dtype=torch.int32, device=device), has_packed=packed,
     )
 
 
@@ -229,6 +235,7 @@ def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
                          num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
                          wide: bool = False, use_tma: bool | None = None, fuse: bool = True,
+                         pack: bool | None = None,
                          buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """Plan one step (host sync here, once per step). See the module docstring.
 
@@ -245,7 +252,7 @@ def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_
     tensors = (meta.q_starts, meta.own_lens, meta.seq_group, meta.prefix_lens)
     arrays = [t.cpu().numpy().astype(np.int64) for t in tensors]
     return plan_attention(*arrays, num_q_heads, num_kv_heads, head_dim, meta.own_lens.device, num_sms=num_sms,
-                          block_m=block_m, chunk=chunk, wide=wide, use_tma=use_tma, fuse=fuse,
+                          block_m=block_m, chunk=chunk, wide=wide, use_tma=use_tma, fuse=fuse, pack=pack,
                           page_size=meta.page_size, buffers=buffers)
 
 
@@ -254,7 +261,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                    own_starts: np.ndarray | None = None, prefix_starts: np.ndarray | None = None,
                    num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
                    wide: bool = False, use_tma: bool | None = None, fuse: bool = True,
-                   page_size: int | None = None,
+                   pack: bool | None = None, page_size: int | None = None,
                    buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """`plan_paged_attention` on host arrays (page_size: the KV pages', which decide whether TMA key loads
     can serve a step's 64-key blocks; None: they cannot). own_starts / prefix_starts: first visible key of each
@@ -269,6 +276,10 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     q_lens = np.diff(q_starts)
     if (own_lens < q_lens).any():
         raise ValueError("own_lens must include this step's tokens (own_lens >= q_len for every sequence).")
+    if buffers is not None:
+        pack = buffers.has_packed
+    elif pack is None:
+        pack = PACK_DEFAULT
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
@@ -411,7 +422,10 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         seq_prefix_splits_runs = np.zeros(run_of_seq.max(initial=-1) + 1, dtype=np.int64)
         seq_prefix_splits_runs[runs] = run_splits
         seq_prefix_splits[:] = seq_prefix_splits_runs[run_of_seq] if seq_group.size else 0
-        own_idx, local = _expand(own_tiles * own_heads * own_splits)
+        packed, packed_items = _pack_decode(pack, own_seqs, own_kind, own_tokens, own_splits, own_spans,
+                                            own_starts[own_seqs], seq_prefix_splits[own_seqs], q_starts, ratio, bn,
+                                            num_kv_heads)
+        own_idx, local = _expand(np.where(packed, 0, own_tiles * own_heads * own_splits))
         split = local % own_splits[own_idx]
         head = (local // own_splits[own_idx]) % own_heads[own_idx]
         tile = local // (own_splits[own_idx] * own_heads[own_idx])
@@ -426,7 +440,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
             seq_prefix_splits[seq] + split,
             causal_base, head, own_group[own_idx], own_prefix_lo[own_idx], own_prefix_hi[own_idx],
         ], axis=1)
-        items = np.concatenate([prefix_items, own_items]).reshape(-1, NUM_FIELDS)
+        items = np.concatenate([prefix_items, own_items, packed_items]).reshape(-1, NUM_FIELDS)
         cost = ((items[:, 6] - items[:, 5]) * (1 + items[:, 0] % 2) * np.where(items[:, 0] & 4, num_kv_heads, 1)
                 + items[:, 12] - items[:, 11])
         items = items[np.argsort(-cost, kind="stable")]
@@ -447,12 +461,15 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         chunk, chunk_wide = 2 * chunk, 2 * chunk_wide
         items, num_parts, part_start, num_part_slots = build(chunk, chunk_wide)
 
-    packed = torch.from_numpy(np.concatenate([items.ravel(), num_parts, part_start]).astype(np.int32))
+    # Own keys visible to each query token (its causal limit + 1): packed items mask their blocks by it.
+    seq_of_token = np.repeat(np.arange(q_lens.shape[0]), q_lens)
+    token_kv = own_lens[seq_of_token] - q_lens[seq_of_token] + np.arange(num_tokens) - q_starts[seq_of_token] + 1
+    host = torch.from_numpy(np.concatenate([items.ravel(), num_parts, part_start, token_kv]).astype(np.int32))
     if torch.device(device).type == "cuda":  # pinned + non_blocking: the copy does not wait for the device
-        packed = packed.pin_memory().to(device, non_blocking=True)
+        host = host.pin_memory().to(device, non_blocking=True)
     else:
-        packed = packed.to(device)
-    flat_items, plan_parts, plan_starts = packed.split([items.size, num_tokens, num_tokens])
+        host = host.to(device)
+    flat_items, plan_parts, plan_starts, plan_kv = host.split([items.size, num_tokens, num_tokens, num_tokens])
     tensors = dict(items=flat_items.view(items.shape[0], NUM_FIELDS), num_parts=plan_parts, part_start=plan_starts)
     if buffers is None:
         buffers = allocate_plan(num_tokens, items.shape[0], num_part_slots, num_q_heads, head_dim, device,
@@ -465,6 +482,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         buffers.needs_merge = num_part_slots > 0
         buffers.has_small = bool(((items[:, 0] == 2) | (items[:, 0] == 3)).any())
         buffers.has_fused = bool((items[:, 0] == FUSED).any())
+        buffers.has_packed = bool((items[:, 0] == PACKED).any())
     if not buffers.has_small and ((items[:, 0] == 2) | (items[:, 0] == 3)).any():
         raise ValueError("this plan's kernel is compiled without 16-row tiles (has_small=False) but the step has "
                          "decode-sized row sets; plan it anew or use a static plan from allocate_plan.")
@@ -478,4 +496,45 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     buffers.num_items.fill_(items.shape[0])
     buffers.num_parts[:num_tokens].copy_(tensors["num_parts"])
     buffers.part_start[:num_tokens].copy_(tensors["part_start"])
+    buffers.token_kv[:num_tokens].copy_(plan_kv)
     return buffers
+
+
+def _pack_decode(pack: bool, own_seqs, own_kind, own_tokens, own_splits, own_spans, own_first, prefix_splits,
+                 q_starts, ratio: int, block_n: int, num_kv_heads: int):
+    """Packed items: consecutive sequences whose own item would be one small (16-row) unsplit tile of one
+    decode token over a short own range, several per 16-row tile, so that their own KV blocks stream through
+    one pipelined loop. A pack holds sequences with consecutive indices (so consecutive tokens), the same
+    prefix partial count (so the same workspace slot offset) and block counts within one of each other.
+    Returns (which own entries are packed, the packed items (n_items, NUM_FIELDS))."""
+    count = own_seqs.shape[0]
+    per_pack = SMALL_TILE // ratio
+    ok = (pack & (per_pack >= 2) & (own_kind == 2) & (own_tokens == 1) & (own_splits == 1) & (own_first == 0)
+          & (own_spans > 0) & (own_spans <= PACK_MAX_KEYS))
+    candidates = np.flatnonzero(ok)
+    if candidates.size < 2:
+        return np.zeros(count, dtype=bool), np.zeros((0, NUM_FIELDS), dtype=np.int64)
+    seqs, blocks = own_seqs[candidates], _cdiv(own_spans[candidates], block_n)
+    splits = prefix_splits[candidates]
+    joins = (seqs[1:] == seqs[:-1] + 1) & (splits[1:] == splits[:-1]) & (np.abs(blocks[1:] - blocks[:-1]) <= 1)
+    new_run = np.concatenate([[True], ~joins])
+    run_first = np.flatnonzero(new_run)
+    position = np.arange(candidates.size) - run_first[np.cumsum(new_run) - 1]
+    new_pack = new_run | (position % per_pack == 0)
+    pack_of = np.cumsum(new_pack) - 1
+    sizes = np.bincount(pack_of)
+    keep = sizes[pack_of] >= 2  # a pack of one stays an ordinary own item
+    packed = np.zeros(count, dtype=bool)
+    packed[candidates[keep]] = True
+    firsts = np.flatnonzero(new_pack & keep)
+    if firsts.size == 0:
+        return packed, np.zeros((0, NUM_FIELDS), dtype=np.int64)
+    n = sizes[pack_of[firsts]]
+    pack_blocks = np.maximum.reduceat(blocks, np.flatnonzero(new_pack))[pack_of[firsts]]
+    pack_keys = np.add.reduceat(own_spans[candidates], np.flatnonzero(new_pack))[pack_of[firsts]]
+    pack_idx, head = _expand(np.full(firsts.size, num_kv_heads))
+    seq0 = seqs[firsts][pack_idx]
+    zeros = np.zeros_like(pack_idx)
+    items = np.stack([zeros + PACKED, seq0, q_starts[seq0], n[pack_idx] * ratio, zeros, zeros, pack_keys[pack_idx],
+                      splits[firsts][pack_idx], zeros + NO_CAUSAL, head, pack_blocks[pack_idx], zeros, zeros], axis=1)
+    return packed, items

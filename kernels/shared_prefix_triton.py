@@ -136,13 +136,14 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 @triton.jit
 def _partial_attention_kernel(
     q_ptr, k_ptr, v_ptr, prefix_k_ptr, prefix_v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-    items_ptr, num_items_ptr, num_parts_ptr, part_start_ptr, own_pages_ptr, prefix_pages_ptr, k_desc, v_desc,
+    items_ptr, num_items_ptr, num_parts_ptr, part_start_ptr, token_kv_ptr, own_pages_ptr, prefix_pages_ptr, k_desc,
+    v_desc,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
     stride_ot, stride_oh, stride_own_pages, stride_prefix_pages,
     ratio, num_q_heads, num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
-    HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, GRID_STRIDE: tl.constexpr,
+    HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, HAS_PACKED: tl.constexpr, GRID_STRIDE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
 ):
@@ -154,34 +155,39 @@ def _partial_attention_kernel(
     if GRID_STRIDE:
         for item in range(tl.program_id(0), tl.load(num_items_ptr), tl.num_programs(0)):
             _run_item(q_ptr, k_ptr, v_ptr, prefix_k_ptr, prefix_v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-                      items_ptr, item, num_parts_ptr, part_start_ptr, own_pages_ptr, prefix_pages_ptr, k_desc, v_desc,
+                      items_ptr, item, num_parts_ptr, part_start_ptr, token_kv_ptr, own_pages_ptr, prefix_pages_ptr,
+                      k_desc, v_desc,
                       stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
                       stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
                       qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
-                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION, DOT_DTYPE,
+                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, HAS_PACKED, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION,
+                      DOT_DTYPE,
                       MASKED_STAGES, USE_TMA, PREFETCH_PAGES)
     else:
         item = tl.program_id(0)
         if item < tl.load(num_items_ptr):
             _run_item(q_ptr, k_ptr, v_ptr, prefix_k_ptr, prefix_v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-                      items_ptr, item, num_parts_ptr, part_start_ptr, own_pages_ptr, prefix_pages_ptr, k_desc, v_desc,
+                      items_ptr, item, num_parts_ptr, part_start_ptr, token_kv_ptr, own_pages_ptr, prefix_pages_ptr,
+                      k_desc, v_desc,
                       stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
                       stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
                       qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
-                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION, DOT_DTYPE,
+                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, HAS_PACKED, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION,
+                      DOT_DTYPE,
                       MASKED_STAGES, USE_TMA, PREFETCH_PAGES)
 
 
 @triton.jit
 def _run_item(
     q_ptr, k_ptr, v_ptr, prefix_k_ptr, prefix_v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-    items_ptr, item, num_parts_ptr, part_start_ptr, own_pages_ptr, prefix_pages_ptr, k_desc, v_desc,
+    items_ptr, item, num_parts_ptr, part_start_ptr, token_kv_ptr, own_pages_ptr, prefix_pages_ptr, k_desc, v_desc,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
     stride_ot, stride_oh, stride_own_pages, stride_prefix_pages,
     ratio, num_q_heads, num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
-    HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr,
+    HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, HAS_PACKED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    NUM_FIELDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr, MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
 ):
@@ -207,7 +213,14 @@ def _run_item(
     # (bit 1): decode-sized row sets of one KV head in a 16-row tile. Else the step's large tiles: one
     # compiled branch for prefix and own items when their tiles are equal (each branch instantiation keeps
     # its own pipeline buffers and registers). Branches of kinds a plan cannot hold are not compiled.
-    if kind >= 8:
+    if kind >= 16:
+        if HAS_PACKED:  # decode tokens of several sequences, one KV head: their own KV blocks in one loop
+            _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, num_parts_ptr,
+                           part_start_ptr, token_kv_ptr, own_pages_ptr, stride_own_pages, stride_qt, stride_qh,
+                           stride_kp, stride_kt, stride_kh, stride_ot, stride_oh, kv_head, ratio, num_q_heads,
+                           num_kv_heads, qk_scale, HEAD_DIM, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
+                           k_desc, v_desc)
+    elif kind >= 8:
         if HAS_FUSED:  # own KV after the group's prefix, in one program (plans made for their step only)
             _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
                          fields, table, num_parts_ptr, part_start_ptr, stride_qt, stride_qh, page_stride, token_stride,
@@ -353,6 +366,60 @@ def _attend_tile(
                                       num_kv_heads, qk_scale, KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
                                       True, k_desc, v_desc, kv_head, False, 0, False)
 
+    _write_rows(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, num_parts_ptr, part_start_ptr, acc, m_i, l_i, tokens,
+                heads, row_valid, dims, slot_offset, stride_ot, stride_oh, num_q_heads, HEAD_DIM)
+
+
+@triton.jit
+def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, num_parts_ptr,
+                   part_start_ptr, token_kv_ptr, own_pages_ptr, stride_own_pages, stride_qt, stride_qh, page_stride,
+                   token_stride, head_stride, stride_ot, stride_oh, kv_head, ratio, num_q_heads, num_kv_heads,
+                   qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, k_desc, v_desc):
+    """A packed item: the decode tokens of consecutive sequences seq0 .. seq0 + n - 1 (one query token each,
+    rows = token * ratio + h in one 16-row tile) against their own KV on one KV head, in ONE key loop over
+    the n * blocks_per_seq blocks (sequence-major): block b is sequence b // blocks_per_seq's block
+    b % blocks_per_seq, its keys < that token's own length (token_kv) are visible to that sequence's rows
+    only. So several short own ranges stream through one pipelined loop (pointer loads, masked, which also
+    skip the blocks past a shorter sequence's length) instead of one program each paying the start-up
+    latency of its item fields, page id and first KV load."""
+    seq0 = tl.load(fields + 1)
+    tok_lo = tl.load(fields + 2)
+    num_rows = tl.load(fields + 3)
+    slot_offset = tl.load(fields + 7)
+    blocks_per_seq = tl.load(fields + 10)
+    rows = tl.arange(0, 16)
+    row_valid = rows < num_rows
+    row_seq = rows // ratio
+    tokens = (tok_lo + row_seq).to(tl.int64)
+    heads = kv_head * ratio + rows % ratio
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_valid[:, None], other=0.0).to(DOT_DTYPE)
+    columns = tl.arange(0, BLOCK_N)
+    column_offset = kv_head.to(tl.int64) * head_stride + columns * 0
+    m_i = tl.full([16], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([16], 0.0, dtype=tl.float32)
+    acc = tl.full([16, HEAD_DIM], 0.0, dtype=tl.float32)
+    for b in range(0, (num_rows // ratio) * blocks_per_seq):
+        j = b // blocks_per_seq
+        start = (b - j * blocks_per_seq) * BLOCK_N
+        kv_len = tl.load(token_kv_ptr + tok_lo + j)
+        table = own_pages_ptr + (seq0 + j).to(tl.int64) * stride_own_pages
+        positions = tl.where(row_seq == j, 1 << 30, -1)  # other sequences' rows see none of this block
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_len, table, k_ptr, v_ptr, page_stride, token_stride,
+                                      column_offset, columns, columns, dims, positions, heads, ratio, num_kv_heads,
+                                      qk_scale, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, True, k_desc, v_desc, kv_head,
+                                      False, 0, False)
+    _write_rows(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, num_parts_ptr, part_start_ptr, acc, m_i, l_i, tokens,
+                heads, row_valid, dims, slot_offset, stride_ot, stride_oh, num_q_heads, HEAD_DIM)
+
+
+@triton.jit
+def _write_rows(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, num_parts_ptr, part_start_ptr, acc, m_i, l_i, tokens,
+                heads, row_valid, dims, slot_offset, stride_ot, stride_oh, num_q_heads, HEAD_DIM: tl.constexpr):
+    """Normalise a tile's rows and write them: to out/lse where the row has one partial, else to its
+    workspace slot (part_start[token] + slot_offset) for the merge."""
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -539,14 +606,16 @@ def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, pref
         k_desc, v_desc = (_pool_descriptor(t, plan.block_n, head_dim) for t in own_kv[:2])
     _partial_attention_kernel[grid](
         q, own_kv[0], own_kv[1], prefix_kv[0], prefix_kv[1], out, lse, plan.part_out, plan.part_lse,
-        plan.items, plan.num_items, plan.num_parts, plan.part_start, own_pages, prefix_pages, k_desc, v_desc,
+        plan.items, plan.num_items, plan.num_parts, plan.part_start, plan.token_kv, own_pages, prefix_pages, k_desc,
+        v_desc,
         q.stride(0), q.stride(1), *own_kv[2], *prefix_kv[2], out.stride(0), out.stride(1),
         own_pages.stride(0), prefix_pages.stride(0), num_q_heads // num_kv_heads, num_q_heads, num_kv_heads,
         scaling * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_M_PREFIX=plan.block_m, BLOCK_M_OWN=plan.block_m_own, BLOCK_M_WIDE=plan.block_m_wide,
         BLOCK_N=plan.block_n, BLOCK_N_WIDE=plan.block_n_wide,
         KV_HEADS_TILE=min(triton.next_power_of_2(num_kv_heads), plan.block_n_wide), HAS_WIDE=plan.has_wide,
-        HAS_SMALL=plan.has_small, HAS_FUSED=plan.has_fused, GRID_STRIDE=grid[0] < plan.items.shape[0],
+        HAS_SMALL=plan.has_small, HAS_FUSED=plan.has_fused,
+        HAS_PACKED=plan.has_packed, GRID_STRIDE=grid[0] < plan.items.shape[0],
         PAGE_SIZE=page_size,
         NUM_FIELDS=NUM_FIELDS, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # The CPU interpreter (triton 3.9) computes bf16 dots wrongly: there, dots run in fp32 on the same

@@ -300,7 +300,8 @@ def _static_plan(meta, q, kv_heads, programs, block_m=None):
     capacity = (-(-ratio // 16) + -(-ratio // 64)) * kv_heads * seqs + 4096
     buffers = allocate_plan(seqs, capacity, 4 * seqs + 4096, q.shape[1], HEAD_DIM, q.device, block_m=block_m,
                             block_m_own=block_m_own, block_n=block_n, num_warps=warps, num_stages=stages,
-                            num_programs=programs or capacity, use_tma=tma, **tma_loop_options(tma, HEAD_DIM))
+                            num_programs=programs or capacity, use_tma=tma, packed=True,
+                            **tma_loop_options(tma, HEAD_DIM))
     return plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, buffers=buffers)
 
 

@@ -235,9 +235,9 @@ def planner_families() -> list[tuple]:
 def all_reports() -> list[dict]:
     """What the CI test checks: each entry names its kernel and configuration, with its report or error."""
     # fp32 (tests only: engine_gpu_check runs head_dim 64) for head_dim 64; its larger tiles take ptxas minutes
-    # every branch a per-step plan can hold (16-row, large, fused), TMA key loads where a GPU could use them
+    # every branch a per-step plan can hold (16-row, large, fused, packed), TMA key loads where a GPU could use them
     jobs = [(f"attention {dtype} {config}", lambda c=config, d=dtype: attention(
-                *c, has_wide=False, dtype=d, has_fused=True, use_tma=d != "fp32"))
+                *c, has_wide=False, dtype=d, has_fused=True, use_tma=d != "fp32", has_packed=True))
             for config in planner_families() for dtype in (("bf16", "fp32") if config[0] == 64 else ("bf16",))]
     # the planner's prefill default with TMA: page ids prefetched, masked loop 1 stage; with the 16-row branch
     # too (a mixed step: prefill chunks and decode tokens), the most branches such a plan compiles

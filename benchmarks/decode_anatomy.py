@@ -24,7 +24,7 @@ import sys
 import torch
 
 from bench_kernels import HEAD_DIM, _static_plan, device_ceilings, make_step, timed
-from batchllm_hf.kernels import allocate_plan, plan_paged_attention
+from batchllm_hf.kernels import allocate_plan, attention_plan, plan_paged_attention
 from batchllm_hf.kernels import shared_prefix_triton as kernels
 from batchllm_hf.kernels.shared_prefix_triton import launch_shared_prefix_attention
 
@@ -98,13 +98,15 @@ PACK_STEPS = OWN_STEPS + [(16, 16, 8192, 256, 8, 8), (4, 64, 8192, 64, 4, 8), (1
 
 
 def PACK_VARIANTS(big, huge):  # packed items: several decode tokens' own KV in one pipelined loop
+    # pack: True packs own ranges up to attention_plan.PACK_MAX_KEYS, a number up to that many keys
     return {
         "planner": [((None, None), ALL, True, {})],
-        "planner, packed": [((None, None, False, True), ALL, True, {})],
+        "planner, packed <= 1024 keys": [((None, None, False, 1024), ALL, True, {})],
+        "planner, packed <= 128 keys": [((None, None, False, 128), ALL, True, {})],
+        "planner, packed <= 128 keys, 1024-key chunks": [((None, 1024, False, 128), ALL, True, {})],
+        "planner, packed <= 128 keys, 512-key chunks": [((None, 512, False, 128), ALL, True, {})],
         "own only": [((None, None), OWN_KINDS, True, {})],
         "own only, packed": [((None, None, False, True), OWN_KINDS, True, {})],
-        "planner, packed, 2 stages": [((None, None, False, True), ALL, True, {"num_stages": 2})],
-        "planner, packed, 4 stages": [((None, None, False, True), ALL, True, {"num_stages": 4})],
     }
 
 
@@ -189,9 +191,15 @@ def main() -> None:
 
         def planned(block_m=None, chunk=None, wide=False, pack=False):
             if (block_m, chunk, wide, pack) not in plans:
-                plans[block_m, chunk, wide, pack] = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM,
-                                                                         block_m=block_m, chunk=chunk, wide=wide,
-                                                                         use_tma=args.tma, pack=pack)
+                longest = attention_plan.PACK_MAX_KEYS
+                if pack is not True and pack:  # a number: pack own ranges up to that many keys
+                    attention_plan.PACK_MAX_KEYS = pack
+                try:
+                    plans[block_m, chunk, wide, pack] = plan_paged_attention(
+                        meta, q.shape[1], kv_heads, HEAD_DIM, block_m=block_m, chunk=chunk, wide=wide,
+                        use_tma=args.tma, pack=bool(pack))
+                finally:
+                    attention_plan.PACK_MAX_KEYS = longest
             return plans[block_m, chunk, wide, pack]
 
         def static(**config):
@@ -206,6 +214,8 @@ def main() -> None:
                   "merge": MERGE_VARIANTS, "pack": PACK_VARIANTS}[args.set]
         variants = {name: [subplan(planned(*args), kinds, merge, **config) for args, kinds, merge, config in spec]
                     for name, spec in chosen(big, huge).items()}
+        if args.set == "pack":
+            variants["CUDA-graph static plan (engine)"] = [_static_plan(meta, q, kv_heads, None)]
         if args.set == "configs":
             variants["CUDA-graph static plan (engine today)"] = [_static_plan(meta, q, kv_heads, None)]
             variants["static plan, prefill config"] = [static(block_m=64, block_m_own=16, **PREFILL_TILES)]

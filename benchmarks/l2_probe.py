@@ -90,7 +90,7 @@ def main() -> None:
     flush.fill_(1)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
-    steps = STEPS[:2] if args.ncu else STEPS[: args.steps]
+    steps = STEPS[:1] if args.ncu else STEPS[: args.steps]
     for groups, members, prefix, own, ratio, kv_heads in steps:
         q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio, num_kv_heads=kv_heads)
         scale = HEAD_DIM ** -0.5
@@ -102,6 +102,10 @@ def main() -> None:
         out, lse = torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")
         variants = {"step": plan, "own only": subplan(plan, OWN_KINDS, True),
                     "prefix only": subplan(plan, PREFIX_KINDS, False)}
+        if args.ncu:  # session 14: packed own items, with the step's kernel and with a 16-row one
+            packed = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, use_tma=True, pack=True)
+            variants = {"own only": variants["own only"], "own packed": subplan(packed, OWN_KINDS, True),
+                        "own packed, 16-row kernel": subplan(packed, OWN_KINDS, True, block_m=16, block_m_own=16)}
         step = [groups, members, prefix, own, ratio, kv_heads]
         for name, p in variants.items():
             def launch(i, p=p):

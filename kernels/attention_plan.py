@@ -60,7 +60,7 @@ from .paged import PagedAttentionMetadata
 NUM_FIELDS = 13
 FUSED = 8
 PACKED = 16  # kind of a packed item: decode tokens of consecutive sequences, one KV head, their own KV in one loop
-PACK_MAX_KEYS = 1024  # own ranges up to this long are packed (longer ones stream many blocks in their own item)
+PACK_MAX_KEYS = 128  # own ranges up to this long are packed (see _pack_decode for the measurements)
 NO_CAUSAL = 1 << 30
 SMALL_TILE = 16
 PREFILL_TILE = 128  # rows: a step whose own row sets are this large gets the prefill tiles; members whose
@@ -70,7 +70,7 @@ _MIN_CHUNK = 256
 _MIN_CHUNK_WIDE = 128
 _PROGRAMS_PER_SM = 4
 _MIN_CHUNK_FILLED = 2048  # shortest KV chunk when the step's unsplit items already fill the GPU
-PACK_DEFAULT = False  # per-step plans pack decode own items unless told (pack=); see _pack_decode
+PACK_DEFAULT = True  # plans pack short decode own ranges unless told not to (pack=False); see _pack_decode
 
 
 @dataclass

@@ -197,6 +197,42 @@ def test_static_plan_buffers_are_reused(wide, num_programs):
         torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("ratio,num_kv_heads", [(1, 3), (4, 2), (7, 1), (8, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size,chunk", [(16, None), (4, 32), (128, None)])
+def test_packed_decode_items(ratio, num_kv_heads, dtype, page_size, chunk):
+    # Packed items: consecutive decode tokens' own KV (<= PACK_MAX_KEYS keys) in one loop, several sequences
+    # per 16-row tile. Own lengths 1-128 across block and page boundaries, a longer one (not packed), a
+    # prefill chunk and ungrouped sequences between packs, groups whose prefixes split into different numbers
+    # of partials (chunk=32: a pack never spans two of them), a group of one.
+    groups = [(37, [(1 + 9 * m, 1) for m in range(7)] + [(130, 1), (64, 1), (65, 1)]),
+              (300, [(3, 1), (128, 1), (20, 3), (5, 1), (6, 1)]), (None, [(33, 1), (2, 1), (90, 1)]), (20, [(3, 1)])]
+    plan = run_and_compare(groups, ratio * num_kv_heads, num_kv_heads, 64, dtype, page_size=page_size, chunk=chunk)
+    kinds = plan.items[: int(plan.num_items), 0].tolist()
+    assert plan.has_packed and 16 in kinds
+    packed = plan.items[: int(plan.num_items)][plan.items[: int(plan.num_items), 0] == 16]
+    assert int(packed[:, 3].max()) <= 16 and int(packed[:, 3].min()) >= 2 * ratio  # 2+ sequences per tile
+    unpacked = run_and_compare(groups, ratio * num_kv_heads, num_kv_heads, 64, dtype, page_size=page_size,
+                               chunk=chunk, pack=False)
+    assert 16 not in unpacked.items[: int(unpacked.num_items), 0].tolist()
+
+
+def test_static_plan_packs_only_when_allocated_so():
+    # A static plan packs decode tokens only if allocated with packed=True (its kernel is compiled with or
+    # without the packed branch); refilled for two steps, the other plan's kinds never appear.
+    for packed in (True, False):
+        static = allocate_plan(max_tokens=16, max_items=64, max_parts=64, num_q_heads=8, head_dim=64, device=DEVICE,
+                               packed=packed)
+        for seed, groups in enumerate([decode_groups([60], 3, 5), decode_groups([7, 300], 2, 40)]):
+            q, k_cache, v_cache, meta = random_paged_step(groups, 8, 2, 64, 16, torch.float32, DEVICE, seed)
+            plan = plan_paged_attention(meta, 8, 2, 64, buffers=static, chunk=64)
+            assert (16 in plan.items[: int(plan.num_items), 0].tolist()) == packed
+            out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
+            ref_out, ref_lse = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
+            torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
 def test_static_plan_coarsens_chunks_to_fit():
     q, k_cache, v_cache, meta = random_paged_step(decode_groups([60], 3, 5), 4, 2, 64, 16, torch.float32, DEVICE)
     static = allocate_plan(max_tokens=3, max_items=8, max_parts=6, num_q_heads=4, head_dim=64, device=DEVICE)
@@ -311,14 +347,19 @@ def test_planner_default_tma_and_compiled_branches():
     assert not alone.has_fused and int(alone.items[: int(alone.num_items)][:, 5].max()) > 0
     pointer = plan(*chunks, page_size=16)
     assert (pointer.block_m_own, pointer.block_n, pointer.use_tma, pointer.prefetch_pages) == (128, 32, False, False)
-    mixed = plan([512] * 4 + [1] * 8, [512] * 4 + [40] * 8)
-    assert (mixed.use_tma, mixed.has_small) == (True, True)
+    mixed = plan([512] * 4 + [1] * 8, [512] * 4 + [40] * 8)  # decode tokens with 40 own keys: packed items
+    assert (mixed.use_tma, mixed.has_small, mixed.has_packed) == (True, False, True)
+    mixed = plan([512] * 4 + [1] * 8, [512] * 4 + [40] * 8, pack=False)
+    assert (mixed.use_tma, mixed.has_small, mixed.has_packed) == (True, True, False)
     # decode steps planned per step (launched from Python) keep pointer loads, 2 stages, 128-row tiles for
     # large groups; use_tma=True (what the engine's CUDA-graph plans take, session 13) gives them tiles of at
     # most 64 rows, 3 stages, page ids a block ahead and a 1-stage masked loop
-    decode = plan([1] * 64, [40] * 64)
+    decode = plan([1] * 64, [40] * 64, pack=False)
     assert (decode.block_m_own, decode.num_stages, decode.use_tma, decode.has_small, decode.has_fused) == (
         16, 2, False, True, False)
+    packed = plan([1] * 64, [40] * 64)  # 4 sequences (16 rows at GQA 4) per packed item and KV head
+    kinds = packed.items[: int(packed.num_items), 0]
+    assert (packed.has_small, packed.has_packed, int((kinds == 16).sum())) == (False, True, 16 * 8)
     large = plan([1] * 512, [40] * 512)  # 2048 prefix rows
     assert (large.block_m, large.block_m_own, large.num_stages, large.use_tma) == (128, 16, 2, False)
     forced = plan([1] * 512, [40] * 512, use_tma=True)

@@ -19,6 +19,13 @@ descriptions, no code copied.
                 fused items are never split); it reads its group's prefix first, then its own pages, and writes its rows directly:
                 no partials and no merge. Sharing the prefix tiles with other members saves nothing there (a
                 tile never spans two such members), and the tiles of one prefix chunk still run adjacent.
+              packed item (kind 16; decode tokens whose own KV is <= attention_plan.PACK_MAX_KEYS keys):
+                the tokens of 2-16 consecutive sequences (16 // ratio) in one 16-row tile, one KV head; ONE key
+                loop over all their own blocks, sequence-major, each block visible to its sequence's rows only
+                (masked pointer loads, pipelined by the compiler; no key past a sequence's length is read).
+                One program per sequence and KV head left each program a short chain of dependent loads
+                and 2 programs per SM (session 14, Nsight Compute: 240 registers, 115 KB of shared memory);
+                packed, the loads of several sequences stream through one pipeline.
               wide item (opt-in): one decode token's query heads of every KV head; columns are (key token,
                 KV head) pairs, so a key token's heads are one contiguous read; other heads' scores masked.
                 Compiled only into launches whose plan may hold wide items (HAS_WIDE).
@@ -108,6 +115,13 @@ misses are groups of 16-256 members. There the own items, one per sequence and K
 read at about 30% of copy bandwidth (per-item latency; benchmarks/decode_anatomy.py splits a step by item
 kind), and neither wide own items, a 16-row-only kernel, programs looping over items, nor loading item
 fields and output slots ahead of the key loops changed that.
+Session 14 (benchmarks/results/2026-11-30-session14): packed items (above) for own ranges <= 128 keys: own
+items of 4 x 64 members at S = 64 in 40 us instead of 49 (Nsight Compute: 28.6 against 38.6 us for the
+kernel alone); the grid's S = 64 rows of groups of 16-256 took 4-17% less time, 42 of 61 P >= 2048 rows reach
+70% of copy bandwidth; W-large (64 x 64 members, own KV 32-192 keys) ran 1.43x faster end to end. Packing
+longer ranges was slower (pointer loads against TMA at S >= 256). A plain read of the same 67 MB
+(benchmarks/read_floor.py) takes 20.8 us, 76% of copy bandwidth, whatever the access pattern: steps that
+read ~70-130 MB cannot reach 70% of copy bandwidth unless they run within ~80-93% of a plain read.
 """
 
 from __future__ import annotations

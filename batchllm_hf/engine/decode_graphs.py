@@ -120,7 +120,8 @@ class DecodeGraphs:
             tiles = -(-ratio // 16) + -(-ratio // 64)
             self.plan = allocate_plan(b, tiles * num_kv_heads * b + 4096, 4 * b + 4096, num_q_heads, head_dim, device,
                                       block_m=block_m, block_m_own=block_m_own, block_n=block_n,
-                                      num_warps=num_warps, num_stages=num_stages, use_tma=tma, packed=True,
+                                      num_warps=num_warps, num_stages=num_stages, use_tma=tma,
+                                      packed=cache.attention_pack,
                                       **tma_loop_options(tma, head_dim))
         self._reset_padding(0, b)
 

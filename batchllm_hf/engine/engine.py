@@ -97,6 +97,7 @@ class Engine:
 
     def _runner(self, cache: PagedCache) -> ModelRunner:
         cache.attention_tma = self.config.attention_tma
+        cache.attention_pack = self.config.attention_pack
         runner = ModelRunner(self.model, cache, shared_prefix=self.config.use_shared_prefix)
         if (self.decode_graphs is None and self.config.cuda_graphs and cache.backend == "triton"
                 and self.model.device.type == "cuda"):

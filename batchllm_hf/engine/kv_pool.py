@@ -151,6 +151,7 @@ class PagedCache(Cache):
         self.backend = backend or ("triton" if device.type == "cuda" else "sdpa")
         self.step: Step | None = None
         self.attention_tma = None  # EngineConfig.attention_tma: TMA key loads (triton backend; None: prefill + graph decode)
+        self.attention_pack = True  # EngineConfig.attention_pack: packed decode items (triton backend)
         # The Triton kernels never load a key past a sequence's length, so their pool needs no zero fill
         # (filling ~100 GiB took 0.2 s per engine on an H200); the torch paths gather whole pages and
         # mask afterwards, where stale NaN bit patterns would poison the masked product, so they get zeros.

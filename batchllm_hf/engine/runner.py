@@ -199,7 +199,8 @@ class ModelRunner:
         if self.cache.backend == "triton":
             step.plan = plan_attention(host.q_starts, host.own_lens, host.seq_group, host.prefix_lens,
                                        *self.cache.num_heads, self.model.device,
-                                       use_tma=self.cache.attention_tma, page_size=self.cache.page_size)
+                                       use_tma=self.cache.attention_tma, pack=self.cache.attention_pack,
+                                       page_size=self.cache.page_size)
         self.cache.step = step
         try:
             return self.forward(input_ids, position_ids, sample_index)

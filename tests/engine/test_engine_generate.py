@@ -694,6 +694,8 @@ def test_triton_kernel_in_the_engine_matches_hf(monkeypatch, tma, static, fused,
             graphs._run_static = lambda b, step: sizes.append((b, step.meta.own_lens.shape[0])) or real_static(b, step)
     outputs = engine.generate(prompts, greedy(4), max_new_tokens_per_request=max_new)
     assert [o.token_ids for o in outputs] == expected
+    if not static:  # decode tokens of 70-100 own keys: packed items (several sequences per program), the default
+        assert any(16 in p.items[: int(p.num_items), 0].tolist() for p in plans)
     stats = engine.stats  # the prefixes are computed once each, at full length: 180 x 3 members, 100 x 2
     assert stats.logical_prompt_tokens - stats.physical_prompt_tokens == 2 * 180 + 1 * 100
     if pad:

@@ -21,7 +21,7 @@ def test_bench_dry_run_writes_reports(tmp_path):
                          "batchllm (decode-first off)", "batchllm (memory budget off)", "batchllm (cuda graphs off)",
                          "batchllm (step overlap off)", "batchllm (fused ops off)",
                          "batchllm (graphs up to 256 sequences)", "batchllm (TMA key loads everywhere)",
-                         "batchllm (TMA key loads off)",
+                         "batchllm (TMA key loads off)", "batchllm (packed decode items off)",
                          "batchllm (session 8 defaults: 8192 tokens, tail padding 2x)",
                          "batchllm (token budget 32768)", "batchllm (default again)",
                          "HF generate (sdpa, batch 64)"}

@@ -496,7 +496,11 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=PAGE_SIZE,
                         help="KV page size of the grid's steps (default 64, the engine's on a GPU)")
     parser.add_argument("--out", default="bench_kernels.json", help="JSON file (a directory: its bench_kernels.json)")
+    parser.add_argument("--pack-rows", type=int, default=None,
+                        help="rows of a packed decode tile (attention_plan.PACK_ROWS; default: the planner's)")
     args = parser.parse_args()
+    if args.pack_rows:
+        attention_plan.PACK_ROWS = args.pack_rows
     PAGE_SIZE, WIDE = args.page_size, args.wide
     if os.path.isdir(args.out):  # session 9 passed $OUT itself, and lost the variants' JSON at the end
         args.out = os.path.join(args.out, "bench_kernels.json")

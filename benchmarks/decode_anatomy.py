@@ -101,12 +101,13 @@ def PACK_VARIANTS(big, huge):  # packed items: several decode tokens' own KV in 
     # pack: True packs own ranges up to attention_plan.PACK_MAX_KEYS, a number up to that many keys
     return {
         "planner": [((None, None), ALL, True, {})],
-        "planner, packed <= 1024 keys": [((None, None, False, 1024), ALL, True, {})],
         "planner, packed <= 128 keys": [((None, None, False, 128), ALL, True, {})],
-        "planner, packed <= 128 keys, 1024-key chunks": [((None, 1024, False, 128), ALL, True, {})],
-        "planner, packed <= 128 keys, 512-key chunks": [((None, 512, False, 128), ALL, True, {})],
+        "planner, packed <= 128 keys, 32-row tiles": [((None, None, False, (128, 32)), ALL, True, {})],
+        "planner, packed <= 128 keys, 64-row tiles": [((None, None, False, (128, 64)), ALL, True, {})],
+        "planner, packed <= 256 keys, 32-row tiles": [((None, None, False, (256, 32)), ALL, True, {})],
         "own only": [((None, None), OWN_KINDS, True, {})],
         "own only, packed": [((None, None, False, True), OWN_KINDS, True, {})],
+        "own only, packed, 32-row tiles": [((None, None, False, (128, 32)), OWN_KINDS, True, {})],
     }
 
 
@@ -191,15 +192,16 @@ def main() -> None:
 
         def planned(block_m=None, chunk=None, wide=False, pack=False):
             if (block_m, chunk, wide, pack) not in plans:
-                longest = attention_plan.PACK_MAX_KEYS
-                if pack is not True and pack:  # a number: pack own ranges up to that many keys
-                    attention_plan.PACK_MAX_KEYS = pack
+                longest, rows = attention_plan.PACK_MAX_KEYS, attention_plan.PACK_ROWS
+                if pack is not True and pack:  # keys, or (keys, rows): pack own ranges up to that many keys
+                    attention_plan.PACK_MAX_KEYS, attention_plan.PACK_ROWS = pack if isinstance(pack, tuple) else (
+                        pack, rows)
                 try:
                     plans[block_m, chunk, wide, pack] = plan_paged_attention(
                         meta, q.shape[1], kv_heads, HEAD_DIM, block_m=block_m, chunk=chunk, wide=wide,
                         use_tma=args.tma, pack=bool(pack))
                 finally:
-                    attention_plan.PACK_MAX_KEYS = longest
+                    attention_plan.PACK_MAX_KEYS, attention_plan.PACK_ROWS = longest, rows
             return plans[block_m, chunk, wide, pack]
 
         def static(**config):

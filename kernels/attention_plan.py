@@ -67,6 +67,7 @@ NUM_FIELDS = 13
 FUSED = 8
 PACKED = 16  # kind of a packed item: decode tokens of consecutive sequences, one KV head, their own KV in one loop
 PACK_MAX_KEYS = 128  # own ranges up to this long are packed (see _pack_decode for the measurements)
+PACK_ROWS = 16  # rows of a packed tile (PACK_ROWS // ratio sequences per packed item)
 NO_CAUSAL = 1 << 30
 SMALL_TILE = 16
 PREFILL_TILE = 128  # rows: a step whose own row sets are this large gets the prefill tiles; members whose
@@ -108,6 +109,7 @@ class PagedAttentionPlan:
     # 223 / 762 with the lookup before each load; session 13: decode steps as CUDA-graph replays took 0-21% less time)
     token_kv: torch.Tensor | None = None  # (max_tokens,) int32: own keys visible to each query token (packed items)
     has_packed: bool = False   # the plan may hold packed items (else the kernel is compiled without them)
+    block_m_packed: int = 16   # rows per packed tile: block_m_packed // ratio sequences per packed item
 
 
 def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:
@@ -204,7 +206,8 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
                   block_m_wide: int | None = None, block_n_wide: int | None = None, wide: bool = False,
                   num_warps: int = 4, num_stages: int = 3, num_programs: int | None = None,
                   masked_stages: int | None = None, use_tma: bool = False,
-                  prefetch_pages: bool = False, packed: bool = False) -> PagedAttentionPlan:
+                  prefetch_pages: bool = False, packed: bool = False,
+                  block_m_packed: int | None = None) -> PagedAttentionPlan:
     """Static buffers for CUDA-graph capture (fill them with `plan_paged_attention(..., buffers=plan)`).
 
     The kernel's grid has one program per item slot (the idle ones exit at once) unless `num_programs` is
@@ -224,6 +227,7 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
         needs_merge=True, num_programs=min(num_programs or max_items, max_items), masked_stages=masked_stages,
         use_tma=use_tma, prefetch_pages=prefetch_pages,
         token_kv=torch.empty((max_tokens,), dtype=torch.int32, device=device), has_packed=packed,
+        block_m_packed=block_m_packed or PACK_ROWS,
     )
 
 
@@ -283,9 +287,9 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     if (own_lens < q_lens).any():
         raise ValueError("own_lens must include this step's tokens (own_lens >= q_len for every sequence).")
     if buffers is not None:
-        pack = buffers.has_packed
-    elif pack is None:
-        pack = PACK_DEFAULT
+        pack, pack_rows = buffers.has_packed, buffers.block_m_packed
+    else:
+        pack, pack_rows = PACK_DEFAULT if pack is None else pack, PACK_ROWS
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
@@ -430,7 +434,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         seq_prefix_splits[:] = seq_prefix_splits_runs[run_of_seq] if seq_group.size else 0
         packed, packed_items = _pack_decode(pack, own_seqs, own_kind, own_tokens, own_splits, own_spans,
                                             own_starts[own_seqs], seq_prefix_splits[own_seqs], q_starts, ratio, bn,
-                                            num_kv_heads)
+                                            num_kv_heads, pack_rows)
         own_idx, local = _expand(np.where(packed, 0, own_tiles * own_heads * own_splits))
         split = local % own_splits[own_idx]
         head = (local // own_splits[own_idx]) % own_heads[own_idx]
@@ -507,14 +511,14 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
 
 
 def _pack_decode(pack: bool, own_seqs, own_kind, own_tokens, own_splits, own_spans, own_first, prefix_splits,
-                 q_starts, ratio: int, block_n: int, num_kv_heads: int):
+                 q_starts, ratio: int, block_n: int, num_kv_heads: int, pack_rows: int):
     """Packed items: consecutive sequences whose own item would be one small (16-row) unsplit tile of one
     decode token over a short own range, several per 16-row tile, so that their own KV blocks stream through
     one pipelined loop. A pack holds sequences with consecutive indices (so consecutive tokens), the same
     prefix partial count (so the same workspace slot offset) and block counts within one of each other.
     Returns (which own entries are packed, the packed items (n_items, NUM_FIELDS))."""
     count = own_seqs.shape[0]
-    per_pack = SMALL_TILE // ratio
+    per_pack = pack_rows // ratio
     ok = (pack & (per_pack >= 2) & (own_kind == 2) & (own_tokens == 1) & (own_splits == 1) & (own_first == 0)
           & (own_spans > 0) & (own_spans <= PACK_MAX_KEYS))
     candidates = np.flatnonzero(ok)

@@ -157,7 +157,8 @@ def _partial_attention_kernel(
     ratio, num_q_heads, num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
-    HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, HAS_PACKED: tl.constexpr, GRID_STRIDE: tl.constexpr,
+    HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, HAS_PACKED: tl.constexpr, BLOCK_M_PACKED: tl.constexpr,
+    GRID_STRIDE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
 ):
@@ -174,7 +175,8 @@ def _partial_attention_kernel(
                       stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
                       stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
                       qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
-                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, HAS_PACKED, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION,
+                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, HAS_PACKED, BLOCK_M_PACKED, PAGE_SIZE, NUM_FIELDS,
+                      DOT_PRECISION,
                       DOT_DTYPE,
                       MASKED_STAGES, USE_TMA, PREFETCH_PAGES)
     else:
@@ -186,7 +188,8 @@ def _partial_attention_kernel(
                       stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
                       stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
                       qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
-                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, HAS_PACKED, PAGE_SIZE, NUM_FIELDS, DOT_PRECISION,
+                      KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, HAS_PACKED, BLOCK_M_PACKED, PAGE_SIZE, NUM_FIELDS,
+                      DOT_PRECISION,
                       DOT_DTYPE,
                       MASKED_STAGES, USE_TMA, PREFETCH_PAGES)
 
@@ -200,7 +203,8 @@ def _run_item(
     ratio, num_q_heads, num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
-    HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, HAS_PACKED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, HAS_PACKED: tl.constexpr, BLOCK_M_PACKED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     NUM_FIELDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr, MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
@@ -232,7 +236,7 @@ def _run_item(
             _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, num_parts_ptr,
                            part_start_ptr, token_kv_ptr, own_pages_ptr, stride_own_pages, stride_qt, stride_qh,
                            stride_kp, stride_kt, stride_kh, stride_ot, stride_oh, kv_head, ratio, num_q_heads,
-                           num_kv_heads, qk_scale, HEAD_DIM, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
+                           num_kv_heads, qk_scale, HEAD_DIM, BLOCK_M_PACKED, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
                            k_desc, v_desc)
     elif kind >= 8:
         if HAS_FUSED:  # own KV after the group's prefix, in one program (plans made for their step only)
@@ -388,10 +392,10 @@ def _attend_tile(
 def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, num_parts_ptr,
                    part_start_ptr, token_kv_ptr, own_pages_ptr, stride_own_pages, stride_qt, stride_qh, page_stride,
                    token_stride, head_stride, stride_ot, stride_oh, kv_head, ratio, num_q_heads, num_kv_heads,
-                   qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                   qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, k_desc, v_desc):
     """A packed item: the decode tokens of consecutive sequences seq0 .. seq0 + n - 1 (one query token each,
-    rows = token * ratio + h in one 16-row tile) against their own KV on one KV head, in ONE key loop over
+    rows = token * ratio + h in one BLOCK_M-row tile) against their own KV on one KV head, in ONE key loop over
     the n * blocks_per_seq blocks (sequence-major): block b is sequence b // blocks_per_seq's block
     b % blocks_per_seq, its keys < that token's own length (token_kv) are visible to that sequence's rows
     only. So several short own ranges stream through one pipelined loop (pointer loads, masked, which also
@@ -402,7 +406,7 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
     num_rows = tl.load(fields + 3)
     slot_offset = tl.load(fields + 7)
     blocks_per_seq = tl.load(fields + 10)
-    rows = tl.arange(0, 16)
+    rows = tl.arange(0, BLOCK_M)
     row_valid = rows < num_rows
     row_seq = rows // ratio
     tokens = (tok_lo + row_seq).to(tl.int64)
@@ -412,9 +416,9 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
                 mask=row_valid[:, None], other=0.0).to(DOT_DTYPE)
     columns = tl.arange(0, BLOCK_N)
     column_offset = kv_head.to(tl.int64) * head_stride + columns * 0
-    m_i = tl.full([16], float("-inf"), dtype=tl.float32)
-    l_i = tl.full([16], 0.0, dtype=tl.float32)
-    acc = tl.full([16, HEAD_DIM], 0.0, dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
     for b in range(0, (num_rows // ratio) * blocks_per_seq):
         j = b // blocks_per_seq
         start = (b - j * blocks_per_seq) * BLOCK_N
@@ -629,7 +633,7 @@ def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, pref
         BLOCK_N=plan.block_n, BLOCK_N_WIDE=plan.block_n_wide,
         KV_HEADS_TILE=min(triton.next_power_of_2(num_kv_heads), plan.block_n_wide), HAS_WIDE=plan.has_wide,
         HAS_SMALL=plan.has_small, HAS_FUSED=plan.has_fused,
-        HAS_PACKED=plan.has_packed, GRID_STRIDE=grid[0] < plan.items.shape[0],
+        HAS_PACKED=plan.has_packed, BLOCK_M_PACKED=plan.block_m_packed, GRID_STRIDE=grid[0] < plan.items.shape[0],
         PAGE_SIZE=page_size,
         NUM_FIELDS=NUM_FIELDS, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # The CPU interpreter (triton 3.9) computes bf16 dots wrongly: there, dots run in fp32 on the same

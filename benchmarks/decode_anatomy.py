@@ -10,7 +10,9 @@ from Python and as a CUDA-graph replay (the engine's decode path; a launch from 
 launches most), and every whole-step variant is checked against the planner's output.
 Sets (session 13, benchmarks/results/2026-11-30-session13): configs (call 3: tiles, stages, TMA, page ids
 ahead, static plans), own (call 6: wide own items), persistent (call 8: programs looping over items), merge
-(call 9: the merge launch's share and program size). Fractions of copy bandwidth use the replay time.
+(call 9: the merge launch's share and program size); session 14 (benchmarks/results/2026-11-30-session14): pack
+(calls 3, 5, 6, 9: packed decode items, how long a packed own range may be, rows per packed tile, prefix chunks).
+Fractions of copy bandwidth use the replay time.
 """
 
 from __future__ import annotations

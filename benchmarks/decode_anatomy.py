@@ -102,12 +102,12 @@ PACK_STEPS = OWN_STEPS + [(16, 16, 8192, 256, 8, 8), (4, 64, 8192, 64, 4, 8), (1
 def PACK_VARIANTS(big, huge):  # packed items: several decode tokens' own KV in one pipelined loop
     # pack: True packs own ranges up to attention_plan.PACK_MAX_KEYS, a number up to that many keys
     return {
-        "planner": [((None, None), ALL, True, {})],
+        "planner, unpacked": [((None, None, False, False), ALL, True, {})],
         "planner, packed <= 128 keys": [((None, None, False, 128), ALL, True, {})],
         "planner, packed <= 128 keys, 32-row tiles": [((None, None, False, (128, 32)), ALL, True, {})],
         "planner, packed <= 128 keys, 64-row tiles": [((None, None, False, (128, 64)), ALL, True, {})],
         "planner, packed <= 256 keys, 32-row tiles": [((None, None, False, (256, 32)), ALL, True, {})],
-        "own only": [((None, None), OWN_KINDS, True, {})],
+        "own only, unpacked": [((None, None, False, False), OWN_KINDS, True, {})],
         "own only, packed": [((None, None, False, True), OWN_KINDS, True, {})],
         "own only, packed, 32-row tiles": [((None, None, False, (128, 32)), OWN_KINDS, True, {})],
     }
@@ -192,7 +192,7 @@ def main() -> None:
 
         plans = {}
 
-        def planned(block_m=None, chunk=None, wide=False, pack=False):
+        def planned(block_m=None, chunk=None, wide=False, pack=None):  # pack None: the planner's default
             if (block_m, chunk, wide, pack) not in plans:
                 longest, rows = attention_plan.PACK_MAX_KEYS, attention_plan.PACK_ROWS
                 if pack is not True and pack:  # keys, or (keys, rows): pack own ranges up to that many keys
@@ -201,7 +201,7 @@ def main() -> None:
                 try:
                     plans[block_m, chunk, wide, pack] = plan_paged_attention(
                         meta, q.shape[1], kv_heads, HEAD_DIM, block_m=block_m, chunk=chunk, wide=wide,
-                        use_tma=args.tma, pack=bool(pack))
+                        use_tma=args.tma, pack=None if pack is None else bool(pack))
                 finally:
                     attention_plan.PACK_MAX_KEYS, attention_plan.PACK_ROWS = longest, rows
             return plans[block_m, chunk, wide, pack]

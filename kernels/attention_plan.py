@@ -62,7 +62,9 @@ from .paged import PagedAttentionMetadata
 # the row set's first token; a large value for prefix items), KV head (0 for wide items); then, for fused
 # items (kind 8: an own item of a member whose chunk fills large tiles alone, which also reads its group's
 # prefix in the same program: no partials, no merge), the prefix page-table row, KV start and KV end (zeros
-# for other kinds).
+# for other kinds). Packed items (kind 16): the first sequence's page-table row and token, rows (sequences x
+# ratio), 0, 0, the sum of their own lengths (for the longest-first order), the shared slot offset, -, KV head,
+# and in field 10 the longest own length among them.
 NUM_FIELDS = 13
 FUSED = 8
 PACKED = 16  # kind of a packed item: decode tokens of consecutive sequences, one KV head, their own KV in one loop
@@ -215,6 +217,9 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
     take wide items (plan with wide=True too); block_m_wide / block_n_wide default to
     `wide_tiles(num_q_heads, head_dim)`."""
     default_m_wide, default_n_wide = wide_tiles(num_q_heads, head_dim)
+    block_m_packed = block_m_packed or PACK_ROWS
+    if block_m_packed not in (16, 32, 64):
+        raise ValueError(f"block_m_packed must be 16, 32 or 64 rows, got {block_m_packed}.")
     return PagedAttentionPlan(
         items=torch.empty((max_items, NUM_FIELDS), dtype=torch.int32, device=device),  # read below num_items
         num_items=torch.zeros((1,), dtype=torch.int32, device=device),
@@ -227,7 +232,7 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
         needs_merge=True, num_programs=min(num_programs or max_items, max_items), masked_stages=masked_stages,
         use_tma=use_tma, prefetch_pages=prefetch_pages,
         token_kv=torch.empty((max_tokens,), dtype=torch.int32, device=device), has_packed=packed,
-        block_m_packed=block_m_packed or PACK_ROWS,
+        block_m_packed=block_m_packed,
     )
 
 
@@ -540,11 +545,13 @@ def _pack_decode(pack: bool, own_seqs, own_kind, own_tokens, own_splits, own_spa
     if firsts.size == 0:
         return packed, np.zeros((0, NUM_FIELDS), dtype=np.int64)
     n = sizes[pack_of[firsts]]
-    pack_blocks = np.maximum.reduceat(blocks, np.flatnonzero(new_pack))[pack_of[firsts]]
+    # the pack's longest own range (the kernel cuts it into its BLOCK_N-key blocks: a plan's block_n may be
+    # changed after planning, as the benchmarks' sweeps do)
+    pack_longest = np.maximum.reduceat(own_spans[candidates], np.flatnonzero(new_pack))[pack_of[firsts]]
     pack_keys = np.add.reduceat(own_spans[candidates], np.flatnonzero(new_pack))[pack_of[firsts]]
     pack_idx, head = _expand(np.full(firsts.size, num_kv_heads))
     seq0 = seqs[firsts][pack_idx]
     zeros = np.zeros_like(pack_idx)
     items = np.stack([zeros + PACKED, seq0, q_starts[seq0], n[pack_idx] * ratio, zeros, zeros, pack_keys[pack_idx],
-                      splits[firsts][pack_idx], zeros + NO_CAUSAL, head, pack_blocks[pack_idx], zeros, zeros], axis=1)
+                      splits[firsts][pack_idx], zeros + NO_CAUSAL, head, pack_longest[pack_idx], zeros, zeros], axis=1)
     return packed, items

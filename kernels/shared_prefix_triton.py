@@ -405,7 +405,7 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
     tok_lo = tl.load(fields + 2)
     num_rows = tl.load(fields + 3)
     slot_offset = tl.load(fields + 7)
-    blocks_per_seq = tl.load(fields + 10)
+    blocks_per_seq = tl.cdiv(tl.load(fields + 10), BLOCK_N)  # field 10: the pack's longest own range
     rows = tl.arange(0, BLOCK_M)
     row_valid = rows < num_rows
     row_seq = rows // ratio

@@ -214,7 +214,18 @@ def test_packed_decode_items(ratio, num_kv_heads, dtype, page_size, chunk):
     assert int(packed[:, 3].max()) <= 16 and int(packed[:, 3].min()) >= 2 * ratio  # 2+ sequences per tile
     unpacked = run_and_compare(groups, ratio * num_kv_heads, num_kv_heads, 64, dtype, page_size=page_size,
                                chunk=chunk, pack=False)
+    # the kernel's key blocks may be narrower than the planner's (the benchmarks' sweeps set block_n after
+    # planning): packed items hold their longest own range, not a block count
+    narrow = run_and_compare(groups, ratio * num_kv_heads, num_kv_heads, 64, dtype, page_size=page_size,
+                             chunk=chunk, block_n=16)
+    assert 16 in narrow.items[: int(narrow.num_items), 0].tolist()
     assert 16 not in unpacked.items[: int(unpacked.num_items), 0].tolist()
+
+
+def test_packed_tile_rows_are_checked():
+    with pytest.raises(ValueError, match="block_m_packed"):
+        allocate_plan(max_tokens=4, max_items=8, max_parts=8, num_q_heads=8, head_dim=64, device="cpu",
+                      packed=True, block_m_packed=24)
 
 
 def test_static_plan_packs_only_when_allocated_so():

@@ -128,7 +128,7 @@ def attention(head_dim: int, block_m: int, block_m_own: int, block_n: int, num_w
               has_wide: bool, dtype: str = "bf16", num_kv_heads: int = 8, masked_stages: int | None = None,
               maxnreg: int | None = None, use_tma: bool = False, has_small: bool = True,
               grid_stride: bool = False, has_fused: bool = False, prefetch_pages: bool = False,
-              has_packed: bool = False) -> dict:
+              has_packed: bool = False, block_m_packed: int = 16) -> dict:
     """Compile `_partial_attention_kernel` as the launcher would for this tile configuration."""
     types = {}
     for p in inspect.signature(attention_kernels._partial_attention_kernel.fn).parameters:
@@ -146,7 +146,8 @@ def attention(head_dim: int, block_m: int, block_m_own: int, block_n: int, num_w
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M_PREFIX=block_m, BLOCK_M_OWN=block_m_own, BLOCK_M_WIDE=32,
                       BLOCK_N=block_n, BLOCK_N_WIDE=block_n_wide,
                       KV_HEADS_TILE=min(triton.next_power_of_2(num_kv_heads), block_n_wide), HAS_WIDE=has_wide,
-                      HAS_SMALL=has_small, HAS_FUSED=has_fused, HAS_PACKED=has_packed, GRID_STRIDE=grid_stride,
+                      HAS_SMALL=has_small, HAS_FUSED=has_fused, HAS_PACKED=has_packed,
+                      BLOCK_M_PACKED=block_m_packed, GRID_STRIDE=grid_stride,
                       PAGE_SIZE=64, NUM_FIELDS=NUM_FIELDS, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                       DOT_DTYPE=_TL[dtype], MASKED_STAGES=masked_stages or num_stages, USE_TMA=use_tma,
                       PREFETCH_PAGES=prefetch_pages)

@@ -10,7 +10,8 @@ names its KV head):
                  chunk is read once for the whole tile (once per group when the group fits one tile).
     own item     one sequence, a tile of its rows, one KV chunk of its own KV (causal).
     packed item  (`pack=True`, the default) the decode tokens of consecutive sequences whose own KV is at most
-                 PACK_MAX_KEYS keys, 16 // ratio of them in one 16-row tile, one KV head: one program reads
+                 PACK_MAX_KEYS keys, PACK_ROWS // ratio of them in one tile of PACK_ROWS (16) rows, one KV
+                 head: one program reads
                  all their own blocks in one pipelined loop (each block masked to its sequence's rows). On an
                  H200 (session 14) own items at 64 keys took 40 us instead of 49 for 256 sequences x 8 KV
                  heads; at 256 keys packing was slower (it reads with pointer loads, own items with TMA).
@@ -69,7 +70,8 @@ NUM_FIELDS = 13
 FUSED = 8
 PACKED = 16  # kind of a packed item: decode tokens of consecutive sequences, one KV head, their own KV in one loop
 PACK_MAX_KEYS = 128  # own ranges up to this long are packed (see _pack_decode for the measurements)
-PACK_ROWS = 16  # rows of a packed tile (PACK_ROWS // ratio sequences per packed item)
+PACK_ROWS = 16  # rows of a packed tile (PACK_ROWS // ratio sequences per packed item; 32 / 64: no gain, session 14)
+PACK_DEFAULT = True  # plans pack short decode own ranges unless told not to (pack=False); see _pack_decode
 NO_CAUSAL = 1 << 30
 SMALL_TILE = 16
 PREFILL_TILE = 128  # rows: a step whose own row sets are this large gets the prefill tiles; members whose
@@ -79,7 +81,6 @@ _MIN_CHUNK = 256
 _MIN_CHUNK_WIDE = 128
 _PROGRAMS_PER_SM = 4
 _MIN_CHUNK_FILLED = 2048  # shortest KV chunk when the step's unsplit items already fill the GPU
-PACK_DEFAULT = True  # plans pack short decode own ranges unless told not to (pack=False); see _pack_decode
 
 
 @dataclass
@@ -518,9 +519,10 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
 def _pack_decode(pack: bool, own_seqs, own_kind, own_tokens, own_splits, own_spans, own_first, prefix_splits,
                  q_starts, ratio: int, block_n: int, num_kv_heads: int, pack_rows: int):
     """Packed items: consecutive sequences whose own item would be one small (16-row) unsplit tile of one
-    decode token over a short own range, several per 16-row tile, so that their own KV blocks stream through
-    one pipelined loop. A pack holds sequences with consecutive indices (so consecutive tokens), the same
-    prefix partial count (so the same workspace slot offset) and block counts within one of each other.
+    decode token over a short own range, pack_rows // ratio of them per packed tile, so that their own KV
+    blocks stream through one pipelined loop. A pack holds sequences with consecutive indices (so consecutive
+    tokens), the same prefix partial count (so the same workspace slot offset) and block counts within one of
+    each other.
     Returns (which own entries are packed, the packed items (n_items, NUM_FIELDS))."""
     count = own_seqs.shape[0]
     per_pack = pack_rows // ratio
@@ -547,8 +549,9 @@ def _pack_decode(pack: bool, own_seqs, own_kind, own_tokens, own_splits, own_spa
     n = sizes[pack_of[firsts]]
     # the pack's longest own range (the kernel cuts it into its BLOCK_N-key blocks: a plan's block_n may be
     # changed after planning, as the benchmarks' sweeps do)
-    pack_longest = np.maximum.reduceat(own_spans[candidates], np.flatnonzero(new_pack))[pack_of[firsts]]
-    pack_keys = np.add.reduceat(own_spans[candidates], np.flatnonzero(new_pack))[pack_of[firsts]]
+    starts = np.flatnonzero(new_pack)
+    pack_longest = np.maximum.reduceat(own_spans[candidates], starts)[pack_of[firsts]]
+    pack_keys = np.add.reduceat(own_spans[candidates], starts)[pack_of[firsts]]
     pack_idx, head = _expand(np.full(firsts.size, num_kv_heads))
     seq0 = seqs[firsts][pack_idx]
     zeros = np.zeros_like(pack_idx)

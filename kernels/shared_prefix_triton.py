@@ -20,7 +20,8 @@ descriptions, no code copied.
                 no partials and no merge. Sharing the prefix tiles with other members saves nothing there (a
                 tile never spans two such members), and the tiles of one prefix chunk still run adjacent.
               packed item (kind 16; decode tokens whose own KV is <= attention_plan.PACK_MAX_KEYS keys):
-                the tokens of 2-16 consecutive sequences (16 // ratio) in one 16-row tile, one KV head; ONE key
+                the tokens of PACK_ROWS // ratio consecutive sequences in one tile of PACK_ROWS (16) rows, one
+                KV head; ONE key
                 loop over all their own blocks, sequence-major, each block visible to its sequence's rows only
                 (masked pointer loads, pipelined by the compiler; no key past a sequence's length is read).
                 One program per sequence and KV head left each program a short chain of dependent loads
@@ -150,8 +151,8 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 @triton.jit
 def _partial_attention_kernel(
     q_ptr, k_ptr, v_ptr, prefix_k_ptr, prefix_v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-    items_ptr, num_items_ptr, num_parts_ptr, part_start_ptr, token_kv_ptr, own_pages_ptr, prefix_pages_ptr, k_desc,
-    v_desc,
+    items_ptr, num_items_ptr, num_parts_ptr, part_start_ptr, token_kv_ptr, own_pages_ptr, prefix_pages_ptr,
+    k_desc, v_desc,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pkp, stride_pkt, stride_pkh,
     stride_ot, stride_oh, stride_own_pages, stride_prefix_pages,
     ratio, num_q_heads, num_kv_heads, qk_scale,
@@ -176,9 +177,7 @@ def _partial_attention_kernel(
                       stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
                       qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
                       KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, HAS_PACKED, BLOCK_M_PACKED, PAGE_SIZE, NUM_FIELDS,
-                      DOT_PRECISION,
-                      DOT_DTYPE,
-                      MASKED_STAGES, USE_TMA, PREFETCH_PAGES)
+                      DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, USE_TMA, PREFETCH_PAGES)
     else:
         item = tl.program_id(0)
         if item < tl.load(num_items_ptr):
@@ -189,9 +188,7 @@ def _partial_attention_kernel(
                       stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
                       qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
                       KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, HAS_PACKED, BLOCK_M_PACKED, PAGE_SIZE, NUM_FIELDS,
-                      DOT_PRECISION,
-                      DOT_DTYPE,
-                      MASKED_STAGES, USE_TMA, PREFETCH_PAGES)
+                      DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, USE_TMA, PREFETCH_PAGES)
 
 
 @triton.jit
@@ -204,10 +201,7 @@ def _run_item(
     HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
     HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, HAS_PACKED: tl.constexpr, BLOCK_M_PACKED: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    NUM_FIELDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
 ):
     fields = items_ptr + item * NUM_FIELDS
     kind = tl.load(fields + 0)
@@ -624,8 +618,8 @@ def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, pref
         k_desc, v_desc = (_pool_descriptor(t, plan.block_n, head_dim) for t in own_kv[:2])
     _partial_attention_kernel[grid](
         q, own_kv[0], own_kv[1], prefix_kv[0], prefix_kv[1], out, lse, plan.part_out, plan.part_lse,
-        plan.items, plan.num_items, plan.num_parts, plan.part_start, plan.token_kv, own_pages, prefix_pages, k_desc,
-        v_desc,
+        plan.items, plan.num_items, plan.num_parts, plan.part_start, plan.token_kv, own_pages, prefix_pages,
+        k_desc, v_desc,
         q.stride(0), q.stride(1), *own_kv[2], *prefix_kv[2], out.stride(0), out.stride(1),
         own_pages.stride(0), prefix_pages.stride(0), num_q_heads // num_kv_heads, num_q_heads, num_kv_heads,
         scaling * _LOG2E,

@@ -150,7 +150,7 @@ def attention(head_dim: int, block_m: int, block_m_own: int, block_n: int, num_w
                       BLOCK_M_PACKED=block_m_packed, GRID_STRIDE=grid_stride,
                       PAGE_SIZE=64, NUM_FIELDS=NUM_FIELDS, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                       DOT_DTYPE=_TL[dtype], MASKED_STAGES=masked_stages or num_stages, USE_TMA=use_tma,
-                      PREFETCH_PAGES=prefetch_pages)
+                      PREFETCH_PAGES=prefetch_pages, PACK_TMA=True)
     if not use_tma:
         constexprs.update(k_desc=None, v_desc=None)
     divisible = [p for p in types if p.endswith("_ptr") or p.startswith("stride_")]

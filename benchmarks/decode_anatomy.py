@@ -122,6 +122,28 @@ def MERGE_VARIANTS(big, huge):  # the merge launch's share of a step, and its pr
     }
 
 
+PACK_TMA_STEPS = PACK_STEPS
+
+
+def PACK_TMA_VARIANTS(big, huge):  # packed items whose whole blocks come through TMA (plans with TMA loads)
+    pointer = {"pack_tma": False}
+    return {
+        "planner, unpacked": [((None, None, False, False), ALL, True, {})],
+        "packed <= 128 keys, pointer loads (session 14)": [((None, None, False, 128), ALL, True, pointer)],
+        "packed <= 128 keys, TMA blocks": [((None, None, False, 128), ALL, True, {})],
+        "packed <= 256 keys, TMA blocks": [((None, None, False, 256), ALL, True, {})],
+        "planner (packed <= PACK_MAX_KEYS_TMA keys, TMA blocks)": [((None, None, False, None), ALL, True, {})],
+        "own only, unpacked": [((None, None, False, False), OWN_KINDS, True, {})],
+        "own only, packed, TMA blocks": [((None, None, False, None), OWN_KINDS, True, {})],
+    }
+
+
+def PACK_TMA_ROWS_VARIANTS(big, huge):  # rows per packed tile with TMA blocks (sequences per pack: rows // GQA)
+    keys = "PACK_MAX_KEYS_TMA"
+    return {f"planner, packed tiles of {rows} rows": [((None, None, False, (keys, rows)), ALL, True, {})]
+            for rows in (16, 32, 64)}
+
+
 def VARIANTS(big, huge):  # name: [(planner args (block_m, chunk), item kinds, merge, kernel overrides)] per launch
     return {
         "planner": [((None, None), ALL, True, {})],
@@ -166,17 +188,21 @@ def main() -> None:
     parser.add_argument("--tma", action="store_const", const=True, default=None,
                         help="plan with use_tma=True (the engine's CUDA-graph decode configuration); calls 6, 8 "
                              "and 9 ran when that was the per-step default, so repeat them with --tma")
-    parser.add_argument("--set", choices=["configs", "own", "persistent", "merge", "pack"], default="configs",
+    parser.add_argument("--set", choices=["configs", "own", "persistent", "merge", "pack", "packtma", "packrows"],
+                        default="configs",
                         help="configs: session 13's tile/TMA variants (call 3); own: own-item variants (call 6); "
                              "persistent: programs looping over items (call 8); merge: the merge launch (call 9); "
-                             "pack: packed decode items (session 14)")
+                             "pack: packed decode items (session 14); packtma: packed items through TMA "
+                             "(session 15)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     ceilings = device_ceilings()
     print(json.dumps(ceilings), flush=True)
     rows, table = [], []
     for groups, members, prefix, own, ratio, kv_heads in {"configs": STEPS, "own": OWN_STEPS, "persistent": PERSISTENT_STEPS,
-                                                          "merge": MERGE_STEPS, "pack": PACK_STEPS}[args.set][: args.steps]:
+                                                          "merge": MERGE_STEPS, "pack": PACK_STEPS,
+                                                          "packtma": PACK_TMA_STEPS,
+                                                          "packrows": PACK_TMA_STEPS}[args.set][: args.steps]:
         q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio, num_kv_heads=kv_heads)
         scale = HEAD_DIM ** -0.5
         must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
@@ -194,16 +220,19 @@ def main() -> None:
 
         def planned(block_m=None, chunk=None, wide=False, pack=None):  # pack None: the planner's default
             if (block_m, chunk, wide, pack) not in plans:
-                longest, rows = attention_plan.PACK_MAX_KEYS, attention_plan.PACK_ROWS
+                longest, longest_tma, rows = (attention_plan.PACK_MAX_KEYS, attention_plan.PACK_MAX_KEYS_TMA,
+                                              attention_plan.PACK_ROWS)
                 if pack is not True and pack:  # keys, or (keys, rows): pack own ranges up to that many keys
-                    attention_plan.PACK_MAX_KEYS, attention_plan.PACK_ROWS = pack if isinstance(pack, tuple) else (
-                        pack, rows)
+                    keys, attention_plan.PACK_ROWS = pack if isinstance(pack, tuple) else (pack, rows)
+                    if keys != "PACK_MAX_KEYS_TMA":  # that name: keep the planner's key limits
+                        attention_plan.PACK_MAX_KEYS = attention_plan.PACK_MAX_KEYS_TMA = keys
                 try:
                     plans[block_m, chunk, wide, pack] = plan_paged_attention(
                         meta, q.shape[1], kv_heads, HEAD_DIM, block_m=block_m, chunk=chunk, wide=wide,
                         use_tma=args.tma, pack=None if pack is None else bool(pack))
                 finally:
                     attention_plan.PACK_MAX_KEYS, attention_plan.PACK_ROWS = longest, rows
+                    attention_plan.PACK_MAX_KEYS_TMA = longest_tma
             return plans[block_m, chunk, wide, pack]
 
         def static(**config):
@@ -215,10 +244,11 @@ def main() -> None:
         big = 64 if members * ratio > 16 else None
         huge = 128 if members * ratio >= 128 else big
         chosen = {"configs": VARIANTS, "own": OWN_VARIANTS, "persistent": PERSISTENT_VARIANTS,
-                  "merge": MERGE_VARIANTS, "pack": PACK_VARIANTS}[args.set]
+                  "merge": MERGE_VARIANTS, "pack": PACK_VARIANTS, "packtma": PACK_TMA_VARIANTS,
+                  "packrows": PACK_TMA_ROWS_VARIANTS}[args.set]
         variants = {name: [subplan(planned(*args), kinds, merge, **config) for args, kinds, merge, config in spec]
                     for name, spec in chosen(big, huge).items()}
-        if args.set == "pack":
+        if args.set in ("pack", "packtma"):
             variants["CUDA-graph static plan (engine)"] = [_static_plan(meta, q, kv_heads, None)]
         if args.set == "configs":
             variants["CUDA-graph static plan (engine today)"] = [_static_plan(meta, q, kv_heads, None)]

@@ -70,6 +70,7 @@ NUM_FIELDS = 13
 FUSED = 8
 PACKED = 16  # kind of a packed item: decode tokens of consecutive sequences, one KV head, their own KV in one loop
 PACK_MAX_KEYS = 128  # own ranges up to this long are packed (see _pack_decode for the measurements)
+PACK_MAX_KEYS_TMA = 256  # ... in plans whose packed items read their whole blocks through TMA (1024: slower)
 PACK_ROWS = 16  # rows of a packed tile (PACK_ROWS // ratio sequences per packed item; 32 / 64: no gain, session 14)
 PACK_DEFAULT = True  # plans pack short decode own ranges unless told not to (pack=False); see _pack_decode
 NO_CAUSAL = 1 << 30
@@ -113,6 +114,7 @@ class PagedAttentionPlan:
     token_kv: torch.Tensor | None = None  # (max_tokens,) int32: own keys visible to each query token (packed items)
     has_packed: bool = False   # the plan may hold packed items (else the kernel is compiled without them)
     block_m_packed: int = 16   # rows per packed tile: block_m_packed // ratio sequences per packed item
+    pack_tma: bool = True      # packed items read whole blocks through TMA where the launch uses TMA
 
 
 def _rows_tile(rows: int, total_rows: int, head_dim: int) -> int:
@@ -366,6 +368,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         # decode plans take TMA (engine/decode_graphs.py), and use_tma=True gives a per-step plan the same.
         use_tma = prefill and tma_default(device, page_size, head_dim)
     if buffers is not None:
+        use_tma = buffers.use_tma
         bm, bmo = buffers.block_m, buffers.block_m_own
         bn, warps, stages = buffers.block_n, buffers.num_warps, buffers.num_stages
     else:
@@ -415,6 +418,12 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         chunk = max(min_chunk, _cdiv(_cdiv(longest, _cdiv(longest, chunk)), bn) * bn)
         chunk_wide = max(_MIN_CHUNK_WIDE, _cdiv(_cdiv(balanced, num_kv_heads), 16) * 16)
 
+    # Packed items read their whole blocks through TMA where the launch will (pages of whole blocks), and
+    # then pack longer own ranges. A static plan's TMA choice was checked against the pages when allocated
+    # (tma_default), so it holds when no page_size is given.
+    tma_blocks = bool(use_tma) and (page_size % bn == 0 if page_size is not None else buffers is not None)
+    pack_keys = PACK_MAX_KEYS_TMA if tma_blocks else PACK_MAX_KEYS
+
     def build(chunk: int, chunk_wide: int):
         run_chunk = np.where(run_wide, chunk_wide, chunk)
         own_chunk = np.where(own_fused, NO_CAUSAL, np.where(own_wide, chunk_wide, chunk))
@@ -440,7 +449,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         seq_prefix_splits[:] = seq_prefix_splits_runs[run_of_seq] if seq_group.size else 0
         packed, packed_items = _pack_decode(pack, own_seqs, own_kind, own_tokens, own_splits, own_spans,
                                             own_starts[own_seqs], seq_prefix_splits[own_seqs], q_starts, ratio, bn,
-                                            num_kv_heads, pack_rows)
+                                            num_kv_heads, pack_rows, pack_keys)
         own_idx, local = _expand(np.where(packed, 0, own_tiles * own_heads * own_splits))
         split = local % own_splits[own_idx]
         head = (local // own_splits[own_idx]) % own_heads[own_idx]
@@ -517,7 +526,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
 
 
 def _pack_decode(pack: bool, own_seqs, own_kind, own_tokens, own_splits, own_spans, own_first, prefix_splits,
-                 q_starts, ratio: int, block_n: int, num_kv_heads: int, pack_rows: int):
+                 q_starts, ratio: int, block_n: int, num_kv_heads: int, pack_rows: int, max_keys: int):
     """Packed items: consecutive sequences whose own item would be one small (16-row) unsplit tile of one
     decode token over a short own range, pack_rows // ratio of them per packed tile, so that their own KV
     blocks stream through one pipelined loop. A pack holds sequences with consecutive indices (so consecutive
@@ -527,7 +536,7 @@ def _pack_decode(pack: bool, own_seqs, own_kind, own_tokens, own_splits, own_spa
     count = own_seqs.shape[0]
     per_pack = pack_rows // ratio
     ok = (pack & (per_pack >= 2) & (own_kind == 2) & (own_tokens == 1) & (own_splits == 1) & (own_first == 0)
-          & (own_spans > 0) & (own_spans <= PACK_MAX_KEYS))
+          & (own_spans > 0) & (own_spans <= max_keys))
     candidates = np.flatnonzero(ok)
     if candidates.size < 2:
         return np.zeros(count, dtype=bool), np.zeros((0, NUM_FIELDS), dtype=np.int64)

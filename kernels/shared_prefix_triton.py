@@ -161,7 +161,7 @@ def _partial_attention_kernel(
     HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, HAS_PACKED: tl.constexpr, BLOCK_M_PACKED: tl.constexpr,
     GRID_STRIDE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
+    MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_PAGES: tl.constexpr, PACK_TMA: tl.constexpr,
 ):
     # A static plan (CUDA graphs) launches a few programs per SM whatever its capacity: they grid-stride over
     # the items (no idle tail). A plan made for its step launches one program per item, and runs without
@@ -177,7 +177,7 @@ def _partial_attention_kernel(
                       stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
                       qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
                       KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, HAS_PACKED, BLOCK_M_PACKED, PAGE_SIZE, NUM_FIELDS,
-                      DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, USE_TMA, PREFETCH_PAGES)
+                      DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, USE_TMA, PREFETCH_PAGES, PACK_TMA)
     else:
         item = tl.program_id(0)
         if item < tl.load(num_items_ptr):
@@ -188,7 +188,7 @@ def _partial_attention_kernel(
                       stride_ot, stride_oh, stride_own_pages, stride_prefix_pages, ratio, num_q_heads, num_kv_heads,
                       qk_scale, HEAD_DIM, BLOCK_M_PREFIX, BLOCK_M_OWN, BLOCK_M_WIDE, BLOCK_N, BLOCK_N_WIDE,
                       KV_HEADS_TILE, HAS_WIDE, HAS_SMALL, HAS_FUSED, HAS_PACKED, BLOCK_M_PACKED, PAGE_SIZE, NUM_FIELDS,
-                      DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, USE_TMA, PREFETCH_PAGES)
+                      DOT_PRECISION, DOT_DTYPE, MASKED_STAGES, USE_TMA, PREFETCH_PAGES, PACK_TMA)
 
 
 @triton.jit
@@ -201,7 +201,8 @@ def _run_item(
     HEAD_DIM: tl.constexpr, BLOCK_M_PREFIX: tl.constexpr, BLOCK_M_OWN: tl.constexpr, BLOCK_M_WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_WIDE: tl.constexpr, KV_HEADS_TILE: tl.constexpr, HAS_WIDE: tl.constexpr,
     HAS_SMALL: tl.constexpr, HAS_FUSED: tl.constexpr, HAS_PACKED: tl.constexpr, BLOCK_M_PACKED: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, NUM_FIELDS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_PAGES: tl.constexpr, PACK_TMA: tl.constexpr,
 ):
     fields = items_ptr + item * NUM_FIELDS
     kind = tl.load(fields + 0)
@@ -231,7 +232,7 @@ def _run_item(
                            part_start_ptr, token_kv_ptr, own_pages_ptr, stride_own_pages, stride_qt, stride_qh,
                            stride_kp, stride_kt, stride_kh, stride_ot, stride_oh, kv_head, ratio, num_q_heads,
                            num_kv_heads, qk_scale, HEAD_DIM, BLOCK_M_PACKED, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
-                           k_desc, v_desc)
+                           k_desc, v_desc, USE_TMA and PACK_TMA, PREFETCH_PAGES, MASKED_STAGES)
     elif kind >= 8:
         if HAS_FUSED:  # own KV after the group's prefix, in one program (plans made for their step only)
             _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
@@ -387,14 +388,18 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
                    part_start_ptr, token_kv_ptr, own_pages_ptr, stride_own_pages, stride_qt, stride_qh, page_stride,
                    token_stride, head_stride, stride_ot, stride_oh, kv_head, ratio, num_q_heads, num_kv_heads,
                    qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, k_desc, v_desc):
+                   DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, k_desc, v_desc, USE_TMA: tl.constexpr,
+                   PREFETCH_PAGES: tl.constexpr, MASKED_STAGES: tl.constexpr):
     """A packed item: the decode tokens of consecutive sequences seq0 .. seq0 + n - 1 (one query token each,
     rows = token * ratio + h in one BLOCK_M-row tile) against their own KV on one KV head, in ONE key loop over
     the n * blocks_per_seq blocks (sequence-major): block b is sequence b // blocks_per_seq's block
     b % blocks_per_seq, its keys < that token's own length (token_kv) are visible to that sequence's rows
     only. So several short own ranges stream through one pipelined loop (pointer loads, masked, which also
     skip the blocks past a shorter sequence's length) instead of one program each paying the start-up
-    latency of its item fields, page id and first KV load."""
+    latency of its item fields, page id and first KV load.
+    USE_TMA: the blocks below the pack's shortest length (`full` whole blocks of every sequence, all starting
+    on a page's block boundary: packed ranges start at key 0) come first, through TMA in one loop; the rest
+    (at most a block or two per sequence: block counts in a pack differ by at most one) in the masked loop."""
     seq0 = tl.load(fields + 1)
     tok_lo = tl.load(fields + 2)
     num_rows = tl.load(fields + 3)
@@ -413,18 +418,61 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
-    for b in range(0, (num_rows // ratio) * blocks_per_seq):
-        j = b // blocks_per_seq
-        start = (b - j * blocks_per_seq) * BLOCK_N
-        kv_len = tl.load(token_kv_ptr + tok_lo + j)
-        table = own_pages_ptr + (seq0 + j).to(tl.int64) * stride_own_pages
-        positions = tl.where(row_seq == j, 1 << 30, -1)  # other sequences' rows see none of this block
-        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, kv_len, table, k_ptr, v_ptr, page_stride, token_stride,
-                                      column_offset, columns, columns, dims, positions, heads, ratio, num_kv_heads,
-                                      qk_scale, 1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, True, k_desc, v_desc, kv_head,
-                                      False, 0, False)
+    num_seqs = num_rows // ratio
+    full = 0
+    if USE_TMA:
+        lens = tl.load(token_kv_ptr + tok_lo + rows, mask=rows < num_seqs, other=1 << 30)
+        full = tl.reduce(lens, 0, tl.standard._elementwise_min) // BLOCK_N
+        tables = own_pages_ptr + seq0.to(tl.int64) * stride_own_pages
+        total = num_seqs * full
+        if PREFETCH_PAGES:  # page ids a block ahead (see _attend_block)
+            next_page = tl.load(tables)
+        for b in range(0, total):
+            j = b // full
+            start = (b - j * full) * BLOCK_N
+            page = 0
+            if PREFETCH_PAGES:
+                page = next_page
+                after = tl.minimum(b + 1, total - 1)
+                after_j = after // full
+                next_page = tl.load(tables + after_j * stride_own_pages + (after - after_j * full) * BLOCK_N // PAGE_SIZE)
+            positions = tl.where(row_seq == j, 1 << 30, -1)  # other sequences' rows see none of this block
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, 1 << 30, tables + j * stride_own_pages, k_ptr,
+                                          v_ptr, page_stride, token_stride, column_offset, columns, columns, dims,
+                                          positions, heads, ratio, num_kv_heads, qk_scale, 1, PAGE_SIZE,
+                                          DOT_PRECISION, DOT_DTYPE, True, k_desc, v_desc, kv_head, True, page,
+                                          PREFETCH_PAGES)
+        rest = blocks_per_seq - full
+        for b in tl.range(0, num_seqs * rest, num_stages=MASKED_STAGES):
+            acc, m_i, l_i = _packed_block(q, acc, m_i, l_i, b, rest, full, seq0, tok_lo, token_kv_ptr, own_pages_ptr,
+                                          stride_own_pages, k_ptr, v_ptr, page_stride, token_stride, column_offset,
+                                          columns, dims, row_seq, heads, ratio, num_kv_heads, qk_scale, BLOCK_N,
+                                          PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, k_desc, v_desc, kv_head)
+    else:
+        for b in range(0, num_seqs * blocks_per_seq):
+            acc, m_i, l_i = _packed_block(q, acc, m_i, l_i, b, blocks_per_seq, full, seq0, tok_lo, token_kv_ptr,
+                                          own_pages_ptr, stride_own_pages, k_ptr, v_ptr, page_stride, token_stride,
+                                          column_offset, columns, dims, row_seq, heads, ratio, num_kv_heads, qk_scale,
+                                          BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, k_desc, v_desc, kv_head)
     _write_rows(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, num_parts_ptr, part_start_ptr, acc, m_i, l_i, tokens,
                 heads, row_valid, dims, slot_offset, stride_ot, stride_oh, num_q_heads, HEAD_DIM)
+
+
+@triton.jit
+def _packed_block(q, acc, m_i, l_i, b, per_seq, first_block, seq0, tok_lo, token_kv_ptr, own_pages_ptr,
+                  stride_own_pages, k_ptr, v_ptr, page_stride, token_stride, column_offset, columns, dims, row_seq,
+                  heads, ratio, num_kv_heads, qk_scale, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, k_desc, v_desc, kv_head):
+    """Masked pointer-load block b of a packed item: sequence b // per_seq's block first_block + b % per_seq,
+    visible to that sequence's rows and below its token's own length only."""
+    j = b // per_seq
+    start = (first_block + b - j * per_seq) * BLOCK_N
+    kv_len = tl.load(token_kv_ptr + tok_lo + j)
+    table = own_pages_ptr + (seq0 + j).to(tl.int64) * stride_own_pages
+    positions = tl.where(row_seq == j, 1 << 30, -1)  # other sequences' rows see none of this block
+    return _attend_block(q, acc, m_i, l_i, start, kv_len, table, k_ptr, v_ptr, page_stride, token_stride,
+                         column_offset, columns, columns, dims, positions, heads, ratio, num_kv_heads, qk_scale, 1,
+                         PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, True, k_desc, v_desc, kv_head, False, 0, False)
 
 
 @triton.jit
@@ -461,6 +509,10 @@ def _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stri
     that dependent lookup left the TMA loop two buffers deep where three stages were asked for, and loading
     it a block ahead gives the third (benchmarks/attention_ceiling.py's ladder kernel: 83 -> 116 KiB)."""
     keys = start + columns // KV_HEADS_TILE
+    if MASKED:
+        key_valid = keys < kv_hi
+        if KV_HEADS_TILE > 1:
+            key_valid = key_valid & (column_heads < num_kv_heads)
     if USE_TMA:
         if not PAGE_GIVEN:
             page = tl.load(table + start // PAGE_SIZE)
@@ -468,9 +520,6 @@ def _attend_block(q, acc, m_i, l_i, start, kv_hi, table, k_ptr, v_ptr, page_stri
         k = k_desc.load([row, kv_head * q.shape[1]])
         v = v_desc.load([row, kv_head * q.shape[1]])
     elif MASKED:
-        key_valid = keys < kv_hi
-        if KV_HEADS_TILE > 1:
-            key_valid = key_valid & (column_heads < num_kv_heads)
         pages = tl.load(table + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
         offsets = pages * page_stride + (keys % PAGE_SIZE) * token_stride + column_offset
         k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
@@ -634,7 +683,7 @@ def launch_partial_attention(q, num_kv_heads, own_kv, prefix_kv, own_pages, pref
         # bf16-rounded operands.
         DOT_DTYPE=_TL_DTYPES[q.dtype] if q.is_cuda else tl.float32,
         MASKED_STAGES=plan.masked_stages or plan.num_stages, USE_TMA=k_desc is not None,
-        PREFETCH_PAGES=plan.prefetch_pages,
+        PREFETCH_PAGES=plan.prefetch_pages, PACK_TMA=plan.pack_tma,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if plan.needs_merge:

@@ -402,3 +402,50 @@ def test_wide_items_split_by_their_work():
     items = plan.items[: int(plan.num_items)]
     wide_prefix = items[items[:, 0] == 5]
     assert len(wide_prefix) > 4 and int((wide_prefix[:, 6] - wide_prefix[:, 5]).max()) < 2000
+
+
+def _poison_past_lengths(k_cache, v_cache, meta):
+    """NaN in every pool slot no sequence or prefix holds (past each length on its last page, spare pages)."""
+    page_size = meta.page_size
+    held = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    for table, lens in ((meta.own_pages, meta.own_lens), (meta.prefix_pages, meta.prefix_lens)):
+        for row, length in zip(table.tolist(), lens.tolist()):
+            for key in range(length):
+                held[row[key // page_size], key % page_size] = True
+    for cache in (k_cache, v_cache):
+        cache[~held.to(cache.device)] = float("nan")
+
+
+@pytest.mark.parametrize("page_size,block_n", [(64, 64), (128, 64), (64, 32)])
+@pytest.mark.parametrize("ratio,num_kv_heads", [(4, 2), (7, 1), (1, 3)])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_packed_items_through_tma(page_size, block_n, ratio, num_kv_heads, prefetch, monkeypatch):
+    # With TMA key loads, packed items read the whole blocks below their pack's shortest length through TMA
+    # and the rest (past it, up to a block or two per sequence) with masked pointer loads; such plans pack own
+    # ranges up to PACK_MAX_KEYS_TMA keys. Lengths on and off block boundaries (64, 65, 128, 250, 256), packs
+    # whose shortest member has no whole block, NaN in every pool slot past a length (a TMA block or a
+    # pointer load past a length would poison the output), block_n narrowed after planning (32).
+    from batchllm_hf.kernels import attention_plan, shared_prefix_triton
+
+    used = []
+    real = shared_prefix_triton._pool_descriptor
+    monkeypatch.setattr(shared_prefix_triton, "_pool_descriptor", lambda *a: used.append(a[1]) or real(*a))
+    groups = [(37, [(1 + 9 * m, 1) for m in range(4)] + [(256, 1), (250, 1), (200, 1), (256, 1), (64, 1), (65, 1)]),
+              (130, [(128, 1), (190, 1), (129, 1), (300, 1), (3, 1)]), (None, [(33, 1), (64, 1), (90, 1)])]
+    num_q_heads = ratio * num_kv_heads
+    q, k_cache, v_cache, meta = random_paged_step(groups, num_q_heads, num_kv_heads, 64, page_size, torch.float32,
+                                                  DEVICE, 3)
+    ref_out, ref_lse = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
+    _poison_past_lengths(k_cache, v_cache, meta)
+    plan = plan_paged_attention(meta, num_q_heads, num_kv_heads, 64, use_tma=True)
+    items = plan.items[: int(plan.num_items)]
+    packed = items[items[:, 0] == attention_plan.PACKED]
+    assert int(packed[:, 10].max()) > attention_plan.PACK_MAX_KEYS  # longer ranges packed than without TMA
+    plan.block_n, plan.prefetch_pages = block_n, prefetch
+    plan.part_out.fill_(float("nan"))
+    plan.part_lse.fill_(float("nan"))
+    out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    assert used == [block_n, block_n]
+    assert 16 not in plan_paged_attention(meta, num_q_heads, num_kv_heads, 64, use_tma=True, pack=False).items[:, 0]

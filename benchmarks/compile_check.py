@@ -245,6 +245,11 @@ def all_reports() -> list[dict]:
     jobs += [("attention bf16 prefill, page ids prefetched", lambda: attention(
         128, 64, 64, 64, 4, 3, has_wide=False, has_fused=True, use_tma=True, has_small=True, prefetch_pages=True,
         masked_stages=1))]
+    # per-step decode plans at GQA >= 8, head_dim <= 128: prefix packs in 64-row packed tiles
+    # (attention_plan.PACK_PREFIX_ROWS; at head_dim 256 such tiles spill 1500 bytes, so the planner keeps them out)
+    jobs += [("attention bf16 decode, 64-row packed tiles", lambda: attention(
+        128, 64, 16, 64, 4, 3, has_wide=False, use_tma=True, has_packed=True, block_m_packed=64, prefetch_pages=True,
+        masked_stages=1))]
     jobs += [(f"attention wide {head_dim}", lambda h=head_dim: attention(h, 64, 16, 64 if h <= 128 else 32, 4, 2, True))
              for head_dim in (128, 256)]
     jobs += [(f"fused {dtype}", lambda d=dtype: fused_kernels(d)) for dtype in ("bf16", "fp16", "fp32")]

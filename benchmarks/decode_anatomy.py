@@ -144,6 +144,13 @@ def PACK_TMA_ROWS_VARIANTS(big, huge):  # rows per packed tile with TMA blocks (
             for rows in (16, 32, 64)}
 
 
+def PREFIX_PACK_VARIANTS(big, huge):  # packed items that also read their group's prefix: no prefix items, no merge
+    keys = "PACK_MAX_KEYS_TMA"
+    return {"planner": [((None, None, False, None), ALL, True, {})],
+            **{f"prefix packs, {rows}-row tiles": [((None, None, False, (keys, rows), True), ALL, True, {})]
+               for rows in (16, 32, 64)}}
+
+
 def VARIANTS(big, huge):  # name: [(planner args (block_m, chunk), item kinds, merge, kernel overrides)] per launch
     return {
         "planner": [((None, None), ALL, True, {})],
@@ -188,7 +195,8 @@ def main() -> None:
     parser.add_argument("--tma", action="store_const", const=True, default=None,
                         help="plan with use_tma=True (the engine's CUDA-graph decode configuration); calls 6, 8 "
                              "and 9 ran when that was the per-step default, so repeat them with --tma")
-    parser.add_argument("--set", choices=["configs", "own", "persistent", "merge", "pack", "packtma", "packrows"],
+    parser.add_argument("--set", choices=["configs", "own", "persistent", "merge", "pack", "packtma", "packrows",
+                                          "prefixpack"],
                         default="configs",
                         help="configs: session 13's tile/TMA variants (call 3); own: own-item variants (call 6); "
                              "persistent: programs looping over items (call 8); merge: the merge launch (call 9); "
@@ -202,7 +210,8 @@ def main() -> None:
     for groups, members, prefix, own, ratio, kv_heads in {"configs": STEPS, "own": OWN_STEPS, "persistent": PERSISTENT_STEPS,
                                                           "merge": MERGE_STEPS, "pack": PACK_STEPS,
                                                           "packtma": PACK_TMA_STEPS,
-                                                          "packrows": PACK_TMA_STEPS}[args.set][: args.steps]:
+                                                          "packrows": PACK_TMA_STEPS,
+                                                          "prefixpack": PACK_TMA_STEPS}[args.set][: args.steps]:
         q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio, num_kv_heads=kv_heads)
         scale = HEAD_DIM ** -0.5
         must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
@@ -218,22 +227,23 @@ def main() -> None:
 
         plans = {}
 
-        def planned(block_m=None, chunk=None, wide=False, pack=None):  # pack None: the planner's default
-            if (block_m, chunk, wide, pack) not in plans:
-                longest, longest_tma, rows = (attention_plan.PACK_MAX_KEYS, attention_plan.PACK_MAX_KEYS_TMA,
-                                              attention_plan.PACK_ROWS)
+        def planned(block_m=None, chunk=None, wide=False, pack=None, prefix=None):  # None: the planner's default
+            if (block_m, chunk, wide, pack, prefix) not in plans:
+                longest, longest_tma, rows, prefix_rows = (attention_plan.PACK_MAX_KEYS, attention_plan.PACK_MAX_KEYS_TMA,
+                                                           attention_plan.PACK_ROWS, attention_plan.PACK_PREFIX_ROWS)
                 if pack is not True and pack:  # keys, or (keys, rows): pack own ranges up to that many keys
                     keys, attention_plan.PACK_ROWS = pack if isinstance(pack, tuple) else (pack, rows)
+                    attention_plan.PACK_PREFIX_ROWS = attention_plan.PACK_ROWS if isinstance(pack, tuple) else prefix_rows
                     if keys != "PACK_MAX_KEYS_TMA":  # that name: keep the planner's key limits
                         attention_plan.PACK_MAX_KEYS = attention_plan.PACK_MAX_KEYS_TMA = keys
                 try:
-                    plans[block_m, chunk, wide, pack] = plan_paged_attention(
+                    plans[block_m, chunk, wide, pack, prefix] = plan_paged_attention(
                         meta, q.shape[1], kv_heads, HEAD_DIM, block_m=block_m, chunk=chunk, wide=wide,
-                        use_tma=args.tma, pack=None if pack is None else bool(pack))
+                        use_tma=args.tma, pack=None if pack is None else bool(pack), pack_prefix=prefix)
                 finally:
                     attention_plan.PACK_MAX_KEYS, attention_plan.PACK_ROWS = longest, rows
-                    attention_plan.PACK_MAX_KEYS_TMA = longest_tma
-            return plans[block_m, chunk, wide, pack]
+                    attention_plan.PACK_MAX_KEYS_TMA, attention_plan.PACK_PREFIX_ROWS = longest_tma, prefix_rows
+            return plans[block_m, chunk, wide, pack, prefix]
 
         def static(**config):
             seqs = meta.own_lens.shape[0]
@@ -245,7 +255,7 @@ def main() -> None:
         huge = 128 if members * ratio >= 128 else big
         chosen = {"configs": VARIANTS, "own": OWN_VARIANTS, "persistent": PERSISTENT_VARIANTS,
                   "merge": MERGE_VARIANTS, "pack": PACK_VARIANTS, "packtma": PACK_TMA_VARIANTS,
-                  "packrows": PACK_TMA_ROWS_VARIANTS}[args.set]
+                  "packrows": PACK_TMA_ROWS_VARIANTS, "prefixpack": PREFIX_PACK_VARIANTS}[args.set]
         variants = {name: [subplan(planned(*args), kinds, merge, **config) for args, kinds, merge, config in spec]
                     for name, spec in chosen(big, huge).items()}
         if args.set in ("pack", "packtma"):

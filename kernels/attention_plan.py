@@ -10,12 +10,18 @@ names its KV head):
                  chunk is read once for the whole tile (once per group when the group fits one tile).
     own item     one sequence, a tile of its rows, one KV chunk of its own KV (causal).
     packed item  (`pack=True`, the default) the decode tokens of consecutive sequences whose own KV is at most
-                 PACK_MAX_KEYS keys, PACK_ROWS // ratio of them in one tile of PACK_ROWS (16) rows, one KV
-                 head: one program reads
-                 all their own blocks in one pipelined loop (each block masked to its sequence's rows). On an
-                 H200 (session 14) own items at 64 keys took 40 us instead of 49 for 256 sequences x 8 KV
-                 heads; at 256 keys packing was slower (it reads with pointer loads, own items with TMA).
+                 PACK_MAX_KEYS keys (PACK_MAX_KEYS_TMA in plans with TMA key loads over pages of whole blocks),
+                 PACK_ROWS // ratio of them in one tile of PACK_ROWS (16) rows, one KV head: one program reads
+                 all their own blocks in one pipelined loop (each block masked to its sequence's rows; with
+                 TMA, the whole blocks below the pack's shortest length through TMA). On an H200 (session 14)
+                 own items at 64 keys took 40 us instead of 49 for 256 sequences x 8 KV heads; at 256 keys
+                 packing was slower with pointer loads, and with TMA blocks (session 15) it is 2-6% faster.
                  Static plans pack when allocated with `packed=True` (the engine's CUDA-graph plans do).
+    prefix pack  (`pack_prefix`; by default in plans made for their step at GQA >= 8, head_dim <= 128, groups
+                 of 2+) a packed item that also reads its group's prefix before its members' own blocks: for a
+                 run of a group's decode tokens that all pack, no prefix items and no partials, so no merge,
+                 in tiles of PACK_PREFIX_ROWS (64) rows. Session 15 (H200, grid at GQA 8, P <= 2048, S <= 256):
+                 8-24% less time per step; at GQA 4 and 7, or for groups of one, it was slower.
     wide item    (opt-in, `wide=True`) a decode-sized row set, i.e. at most one token's query heads of all
                  KV heads (rows = token * Hq + head): one program reads each key token's KV heads as one
                  contiguous run and masks the scores of other heads. On an H200 it was slower than
@@ -64,8 +70,9 @@ from .paged import PagedAttentionMetadata
 # items (kind 8: an own item of a member whose chunk fills large tiles alone, which also reads its group's
 # prefix in the same program: no partials, no merge), the prefix page-table row, KV start and KV end (zeros
 # for other kinds). Packed items (kind 16): the first sequence's page-table row and token, rows (sequences x
-# ratio), 0, 0, the sum of their own lengths (for the longest-first order), the shared slot offset, -, KV head,
-# and in field 10 the longest own length among them.
+# ratio), the longest own length among them, 0, the sum of their own lengths (for the longest-first order), the
+# shared slot offset, -, KV head, and for prefix packs the group's prefix page-table row, KV start and KV end
+# (as fused items; zeros otherwise).
 NUM_FIELDS = 13
 FUSED = 8
 PACKED = 16  # kind of a packed item: decode tokens of consecutive sequences, one KV head, their own KV in one loop
@@ -73,6 +80,12 @@ PACK_MAX_KEYS = 128  # own ranges up to this long are packed (see _pack_decode f
 PACK_MAX_KEYS_TMA = 256  # ... in plans whose packed items read their whole blocks through TMA (1024: slower)
 PACK_ROWS = 16  # rows of a packed tile (PACK_ROWS // ratio sequences per packed item; 32 / 64: no gain, session 14)
 PACK_DEFAULT = True  # plans pack short decode own ranges unless told not to (pack=False); see _pack_decode
+# Prefix packs (_pack_prefix_runs): packed items of a group's decode tokens that also read its prefix. Plans made
+# for their step use them at GQA ratios >= PACK_PREFIX_MIN_RATIO for groups of 2 or more (pack_prefix=None), in
+# tiles of PACK_PREFIX_ROWS rows (session 15: faster at GQA 8, slower at GQA 4 and 7 and for groups of one), at
+# head_dim <= 128 (64 x 256 tiles spill on sm_90a: benchmarks/compile_check.py)
+PACK_PREFIX_MIN_RATIO = 8
+PACK_PREFIX_ROWS = 64
 NO_CAUSAL = 1 << 30
 SMALL_TILE = 16
 PREFILL_TILE = 128  # rows: a step whose own row sets are this large gets the prefill tiles; members whose
@@ -253,7 +266,7 @@ def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
                          num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
                          wide: bool = False, use_tma: bool | None = None, fuse: bool = True,
-                         pack: bool | None = None,
+                         pack: bool | None = None, pack_prefix: bool | None = None,
                          buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """Plan one step (host sync here, once per step). See the module docstring.
 
@@ -271,7 +284,7 @@ def plan_paged_attention(meta: PagedAttentionMetadata, num_q_heads: int, num_kv_
     arrays = [t.cpu().numpy().astype(np.int64) for t in tensors]
     return plan_attention(*arrays, num_q_heads, num_kv_heads, head_dim, meta.own_lens.device, num_sms=num_sms,
                           block_m=block_m, chunk=chunk, wide=wide, use_tma=use_tma, fuse=fuse, pack=pack,
-                          page_size=meta.page_size, buffers=buffers)
+                          pack_prefix=pack_prefix, page_size=meta.page_size, buffers=buffers)
 
 
 def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.ndarray, prefix_lens: np.ndarray,
@@ -279,7 +292,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                    own_starts: np.ndarray | None = None, prefix_starts: np.ndarray | None = None,
                    num_sms: int | None = None, block_m: int | None = None, chunk: int | None = None,
                    wide: bool = False, use_tma: bool | None = None, fuse: bool = True,
-                   pack: bool | None = None, page_size: int | None = None,
+                   pack: bool | None = None, pack_prefix: bool | None = None, page_size: int | None = None,
                    buffers: PagedAttentionPlan | None = None) -> PagedAttentionPlan:
     """`plan_paged_attention` on host arrays (page_size: the KV pages', which decide whether TMA key loads
     can serve a step's 64-key blocks; None: they cannot). own_starts / prefix_starts: first visible key of each
@@ -423,12 +436,37 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     # (tma_default), so it holds when no page_size is given.
     tma_blocks = bool(use_tma) and (page_size % bn == 0 if page_size is not None else buffers is not None)
     pack_keys = PACK_MAX_KEYS_TMA if tma_blocks else PACK_MAX_KEYS
+    # Prefix packs (pack_prefix): runs of decode tokens whose every own range is packable read their group's
+    # prefix in their packed items instead of in prefix items: one partial per row, no merge.
+    run_ok = np.zeros(runs.size, dtype=bool)
+    implicit = pack_prefix is None
+    if implicit:
+        pack_prefix = buffers is None and ratio >= PACK_PREFIX_MIN_RATIO and head_dim <= 128
+    if pack and pack_prefix:
+        seq_ok = np.zeros(q_lens.shape[0], dtype=bool)  # kind 2: a token's rows fit 16, so a pack holds >= 1
+        seq_ok[own_seqs] = ((own_kind == 2) & (own_tokens == 1) & (own_starts[own_seqs] == 0) & (own_spans > 0)
+                            & (own_spans <= pack_keys))
+        bad = np.concatenate([[0], np.cumsum(~seq_ok)])
+        run_ok = (bad[run_last[runs] + 1] - bad[run_first[runs]] == 0) & ~run_wide
+        if implicit:  # groups of one kept their prefix items (session 15: 256 x 1 at P = 512, GQA 8: 9% slower)
+            run_ok &= run_last[runs] > run_first[runs]
+        if buffers is None and run_ok.any():
+            pack_rows = PACK_PREFIX_ROWS
+    prefix_pack_items = _pack_prefix_runs(run_ok, run_first[runs], run_last[runs], run_group, q_starts,
+                                          own_lens - own_starts, prefix_starts, prefix_lens, ratio, num_kv_heads,
+                                          pack_rows)
+    seq_in_prefix_pack = np.zeros(q_lens.shape[0], dtype=bool)
+    if run_ok.any():
+        seq_in_prefix_pack[np.concatenate([np.arange(a, b + 1) for a, b in
+                                           zip(run_first[runs][run_ok], run_last[runs][run_ok])])] = True
+    own_in_prefix_pack = seq_in_prefix_pack[own_seqs]
 
     def build(chunk: int, chunk_wide: int):
         run_chunk = np.where(run_wide, chunk_wide, chunk)
         own_chunk = np.where(own_fused, NO_CAUSAL, np.where(own_wide, chunk_wide, chunk))
-        run_splits = _cdiv(run_spans, run_chunk)
+        run_splits = np.where(run_ok, 0, _cdiv(run_spans, run_chunk))  # prefix packs read their prefix whole
         own_splits = np.maximum(_cdiv(own_spans, own_chunk), 1)  # >= 1: a row with no visible key still gets 0
+        own_splits = np.where(own_in_prefix_pack, 1, own_splits)
         # Prefix items. Split-major, then head, then tile: the tiles reading one prefix chunk of one KV head
         # get adjacent program ids, so they run together and share the chunk through L2.
         per_split = run_tiles * run_heads
@@ -449,7 +487,8 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         seq_prefix_splits[:] = seq_prefix_splits_runs[run_of_seq] if seq_group.size else 0
         packed, packed_items = _pack_decode(pack, own_seqs, own_kind, own_tokens, own_splits, own_spans,
                                             own_starts[own_seqs], seq_prefix_splits[own_seqs], q_starts, ratio, bn,
-                                            num_kv_heads, pack_rows, pack_keys)
+                                            num_kv_heads, pack_rows, pack_keys, own_in_prefix_pack)
+        packed |= own_in_prefix_pack
         own_idx, local = _expand(np.where(packed, 0, own_tiles * own_heads * own_splits))
         split = local % own_splits[own_idx]
         head = (local // own_splits[own_idx]) % own_heads[own_idx]
@@ -465,7 +504,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
             seq_prefix_splits[seq] + split,
             causal_base, head, own_group[own_idx], own_prefix_lo[own_idx], own_prefix_hi[own_idx],
         ], axis=1)
-        items = np.concatenate([prefix_items, own_items, packed_items]).reshape(-1, NUM_FIELDS)
+        items = np.concatenate([prefix_items, own_items, packed_items, prefix_pack_items]).reshape(-1, NUM_FIELDS)
         cost = ((items[:, 6] - items[:, 5]) * (1 + items[:, 0] % 2) * np.where(items[:, 0] & 4, num_kv_heads, 1)
                 + items[:, 12] - items[:, 11])
         items = items[np.argsort(-cost, kind="stable")]
@@ -501,7 +540,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                                 block_m=bm, block_m_own=bmo, block_n=bn, block_m_wide=bmw, block_n_wide=bnw,
                                 wide=bool(run_wide.any() or own_wide.any()),
                                 num_warps=warps, num_stages=stages,
-                                use_tma=use_tma,
+                                use_tma=use_tma, block_m_packed=pack_rows,
                                 **tma_loop_options(use_tma, head_dim),
                                 num_programs=items.shape[0])  # one item per program: hardware load balance
         buffers.needs_merge = num_part_slots > 0
@@ -525,8 +564,33 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     return buffers
 
 
+def _pack_prefix_runs(run_ok, run_first, run_last, run_group, q_starts, own_lens, prefix_lo, prefix_hi, ratio: int,
+                      num_kv_heads: int, pack_rows: int):
+    """Packed items WITH their group's prefix (`pack_prefix=True`): the members of each run in run_ok (decode
+    tokens only, every one's own KV packable), pack_rows // ratio consecutive members per tile of pack_rows
+    rows, each item reading its group's prefix (fields 10-12) and then its members' own blocks: one partial
+    per row, no prefix items, no merge. Returns the items (n_items, NUM_FIELDS)."""
+    per_pack = pack_rows // ratio
+    runs = np.flatnonzero(run_ok)
+    if runs.size == 0 or per_pack < 1:
+        return np.zeros((0, NUM_FIELDS), dtype=np.int64)
+    members = run_last[runs] - run_first[runs] + 1
+    run_idx, pack = _expand(_cdiv(members, per_pack))
+    seq0 = run_first[runs][run_idx] + pack * per_pack
+    n = np.minimum(per_pack, run_last[runs][run_idx] + 1 - seq0)
+    bounds = np.stack([seq0, seq0 + n], axis=1).ravel()
+    longest = np.maximum.reduceat(np.append(own_lens, 0), bounds)[::2]
+    keys = np.add.reduceat(np.append(own_lens, 0), bounds)[::2]
+    group = run_group[runs][run_idx]
+    pack_idx, head = _expand(np.full(seq0.size, num_kv_heads))
+    zeros = np.zeros_like(pack_idx)
+    return np.stack([zeros + PACKED, seq0[pack_idx], q_starts[seq0][pack_idx], n[pack_idx] * ratio, longest[pack_idx],
+                     zeros, keys[pack_idx], zeros, zeros + NO_CAUSAL, head, group[pack_idx],
+                     prefix_lo[group][pack_idx], prefix_hi[group][pack_idx]], axis=1)
+
+
 def _pack_decode(pack: bool, own_seqs, own_kind, own_tokens, own_splits, own_spans, own_first, prefix_splits,
-                 q_starts, ratio: int, block_n: int, num_kv_heads: int, pack_rows: int, max_keys: int):
+                 q_starts, ratio: int, block_n: int, num_kv_heads: int, pack_rows: int, max_keys: int, taken):
     """Packed items: consecutive sequences whose own item would be one small (16-row) unsplit tile of one
     decode token over a short own range, pack_rows // ratio of them per packed tile, so that their own KV
     blocks stream through one pipelined loop. A pack holds sequences with consecutive indices (so consecutive
@@ -536,7 +600,7 @@ def _pack_decode(pack: bool, own_seqs, own_kind, own_tokens, own_splits, own_spa
     count = own_seqs.shape[0]
     per_pack = pack_rows // ratio
     ok = (pack & (per_pack >= 2) & (own_kind == 2) & (own_tokens == 1) & (own_splits == 1) & (own_first == 0)
-          & (own_spans > 0) & (own_spans <= max_keys))
+          & (own_spans > 0) & (own_spans <= max_keys) & ~taken)
     candidates = np.flatnonzero(ok)
     if candidates.size < 2:
         return np.zeros(count, dtype=bool), np.zeros((0, NUM_FIELDS), dtype=np.int64)
@@ -564,6 +628,7 @@ def _pack_decode(pack: bool, own_seqs, own_kind, own_tokens, own_splits, own_spa
     pack_idx, head = _expand(np.full(firsts.size, num_kv_heads))
     seq0 = seqs[firsts][pack_idx]
     zeros = np.zeros_like(pack_idx)
-    items = np.stack([zeros + PACKED, seq0, q_starts[seq0], n[pack_idx] * ratio, zeros, zeros, pack_keys[pack_idx],
-                      splits[firsts][pack_idx], zeros + NO_CAUSAL, head, pack_longest[pack_idx], zeros, zeros], axis=1)
+    items = np.stack([zeros + PACKED, seq0, q_starts[seq0], n[pack_idx] * ratio, pack_longest[pack_idx], zeros,
+                      pack_keys[pack_idx], splits[firsts][pack_idx], zeros + NO_CAUSAL, head, zeros, zeros, zeros],
+                     axis=1)
     return packed, items

@@ -19,14 +19,17 @@ descriptions, no code copied.
                 fused items are never split); it reads its group's prefix first, then its own pages, and writes its rows directly:
                 no partials and no merge. Sharing the prefix tiles with other members saves nothing there (a
                 tile never spans two such members), and the tiles of one prefix chunk still run adjacent.
-              packed item (kind 16; decode tokens whose own KV is <= attention_plan.PACK_MAX_KEYS keys):
-                the tokens of PACK_ROWS // ratio consecutive sequences in one tile of PACK_ROWS (16) rows, one
-                KV head; ONE key
-                loop over all their own blocks, sequence-major, each block visible to its sequence's rows only
-                (masked pointer loads, pipelined by the compiler; no key past a sequence's length is read).
-                One program per sequence and KV head left each program a short chain of dependent loads
-                and 2 programs per SM (session 14, Nsight Compute: 240 registers, 115 KB of shared memory);
-                packed, the loads of several sequences stream through one pipeline.
+              packed item (kind 16; decode tokens whose own KV is <= attention_plan.PACK_MAX_KEYS keys,
+                PACK_MAX_KEYS_TMA with TMA): the tokens of PACK_ROWS // ratio consecutive sequences in one
+                tile of PACK_ROWS (16) rows, one KV head; ONE key loop over all their own blocks,
+                sequence-major, each block visible to its sequence's rows only (masked pointer loads,
+                pipelined by the compiler; no key past a sequence's length is read). With TMA, the whole
+                blocks below the pack's shortest length come first, through TMA (the rest, a block or two per
+                sequence, masked). One program per sequence and KV head left each program a short chain of
+                dependent loads and 2 programs per SM (session 14, Nsight Compute: 240 registers, 115 KB of
+                shared memory); packed, the loads of several sequences stream through one pipeline.
+                A prefix pack (fields 10-12 hold a prefix range, attention_plan's pack_prefix) reads its
+                group's prefix first, every row seeing all of it: its rows get one partial, so no merge.
               wide item (opt-in): one decode token's query heads of every KV head; columns are (key token,
                 KV head) pairs, so a key token's heads are one contiguous read; other heads' scores masked.
                 Compiled only into launches whose plan may hold wide items (HAS_WIDE).
@@ -123,6 +126,13 @@ kernel alone); the grid's S = 64 rows of groups of 16-256 took 4-17% less time, 
 longer ranges was slower (pointer loads against TMA at S >= 256). A plain read of the same 67 MB
 (benchmarks/read_floor.py) takes 20.8 us, 76% of copy bandwidth, whatever the access pattern: steps that
 read ~70-130 MB cannot reach 70% of copy bandwidth unless they run within ~80-93% of a plain read.
+Session 15 (benchmarks/results/2026-11-30-session15): packed items read whole blocks through TMA and pack up
+to 256 keys with TMA (the 18 remaining misses of the grid took 3-10% less time; 1024 keys was slower at
+S = 1024), and prefix packs at GQA 8 (8-24% less time at P <= 2048, S <= 256): 43 of 61 rows. Tried and
+dropped: merging in the attention launch (the last program to write a row's partial merges it, after an
+acq_rel atomic count per row) was 1-17 us slower on all 16 steps timed: each program's epilogue became a
+chain of barrier, atomic round trip and L2 reads, with only 2 programs per SM to hide it; the patch is kept
+in that folder.
 """
 
 from __future__ import annotations
@@ -232,7 +242,8 @@ def _run_item(
                            part_start_ptr, token_kv_ptr, own_pages_ptr, stride_own_pages, stride_qt, stride_qh,
                            stride_kp, stride_kt, stride_kh, stride_ot, stride_oh, kv_head, ratio, num_q_heads,
                            num_kv_heads, qk_scale, HEAD_DIM, BLOCK_M_PACKED, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
-                           k_desc, v_desc, USE_TMA and PACK_TMA, PREFETCH_PAGES, MASKED_STAGES)
+                           k_desc, v_desc, USE_TMA and PACK_TMA, PREFETCH_PAGES, MASKED_STAGES, prefix_pages_ptr,
+                           stride_prefix_pages, prefix_k_ptr, prefix_v_ptr, stride_pkp, stride_pkt, stride_pkh, USE_TMA)
     elif kind >= 8:
         if HAS_FUSED:  # own KV after the group's prefix, in one program (plans made for their step only)
             _attend_tile(q_ptr, keys_ptr, values_ptr, k_desc, v_desc, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
@@ -323,33 +334,11 @@ def _attend_tile(
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
     step = BLOCK_N // KV_HEADS_TILE
     if FUSED:  # the group's prefix: every row sees all of it
-        prefix_lo = tl.load(fields + 11)
-        prefix_hi = tl.load(fields + 12)
-        prefix_table = prefix_pages_ptr + tl.load(fields + 10).to(tl.int64) * stride_prefix_pages
-        prefix_columns = kv_head.to(tl.int64) * prefix_head_stride + columns * 0
-        prefix_full_hi = prefix_lo + (prefix_hi - prefix_lo) // step * step
-        if USE_TMA:
-            prefix_full_hi = tl.where(prefix_lo % BLOCK_N == 0, prefix_full_hi, prefix_lo)
-        prefetch: tl.constexpr = USE_TMA and PREFETCH_PAGES  # page ids a block ahead (see _attend_block)
-        if prefetch:
-            next_page = tl.load(prefix_table + tl.minimum(prefix_lo, tl.maximum(prefix_hi - 1, 0)) // PAGE_SIZE)
-        for start in range(prefix_lo, prefix_full_hi, step):
-            page = 0
-            if prefetch:
-                page = next_page
-                next_page = tl.load(prefix_table + tl.minimum(start + step, prefix_hi - 1) // PAGE_SIZE)
-            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr, prefix_v_ptr,
-                                          prefix_page_stride, prefix_token_stride, prefix_columns, columns,
-                                          column_heads, dims, positions, heads, ratio, num_kv_heads, qk_scale,
-                                          KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, False, k_desc, v_desc,
-                                          kv_head, USE_TMA, page, prefetch)
-        no_limit = positions * 0 + (1 << 30)
-        for start in tl.range(prefix_full_hi, prefix_hi, step, num_stages=MASKED_STAGES):
-            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr, prefix_v_ptr,
-                                          prefix_page_stride, prefix_token_stride, prefix_columns, columns,
-                                          column_heads, dims, no_limit, heads, ratio, num_kv_heads, qk_scale,
-                                          KV_HEADS_TILE, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, True, k_desc, v_desc,
-                                          kv_head, False, 0, False)
+        acc, m_i, l_i = _attend_prefix(q, acc, m_i, l_i, fields, prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr,
+                                       prefix_v_ptr, prefix_page_stride, prefix_token_stride, prefix_head_stride,
+                                       columns, column_heads, dims, heads, ratio, num_kv_heads, qk_scale, kv_head,
+                                       k_desc, v_desc, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
+                                       USE_TMA, PREFETCH_PAGES)
     # Key blocks that every row of the tile sees whole (below the causal limit of its first row and below
     # kv_hi) run without masks; the rest (the causal diagonal, the tail, wide items' head mask) with them.
     if KV_HEADS_TILE == 1:
@@ -384,12 +373,53 @@ def _attend_tile(
 
 
 @triton.jit
+def _attend_prefix(q, acc, m_i, l_i, fields, prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr, prefix_v_ptr,
+                   prefix_page_stride, prefix_token_stride, prefix_head_stride, columns, column_heads, dims, heads,
+                   ratio, num_kv_heads, qk_scale, kv_head, k_desc, v_desc, BLOCK_N: tl.constexpr,
+                   PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   MASKED_STAGES: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_PAGES: tl.constexpr):
+    """A tile's rows against their group's prefix keys [field 11, field 12) of prefix page-table row field 10,
+    every row seeing all of them: whole blocks unmasked (TMA where the launch uses it, when the range starts
+    on a block boundary), the tail masked. Fused items (prefill) and packed items with a prefix (decode)."""
+    prefix_lo = tl.load(fields + 11)
+    prefix_hi = tl.load(fields + 12)
+    prefix_table = prefix_pages_ptr + tl.load(fields + 10).to(tl.int64) * stride_prefix_pages
+    prefix_columns = kv_head.to(tl.int64) * prefix_head_stride + columns * 0
+    prefix_full_hi = prefix_lo + (prefix_hi - prefix_lo) // BLOCK_N * BLOCK_N
+    if USE_TMA:
+        prefix_full_hi = tl.where(prefix_lo % BLOCK_N == 0, prefix_full_hi, prefix_lo)
+    prefetch: tl.constexpr = USE_TMA and PREFETCH_PAGES  # page ids a block ahead (see _attend_block)
+    if prefetch:
+        next_page = tl.load(prefix_table + tl.minimum(prefix_lo, tl.maximum(prefix_hi - 1, 0)) // PAGE_SIZE)
+    no_limit = heads * 0 + (1 << 30)
+    for start in range(prefix_lo, prefix_full_hi, BLOCK_N):
+        page = 0
+        if prefetch:
+            page = next_page
+            next_page = tl.load(prefix_table + tl.minimum(start + BLOCK_N, prefix_hi - 1) // PAGE_SIZE)
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr, prefix_v_ptr,
+                                      prefix_page_stride, prefix_token_stride, prefix_columns, columns,
+                                      column_heads, dims, no_limit, heads, ratio, num_kv_heads, qk_scale,
+                                      1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, False, k_desc, v_desc,
+                                      kv_head, USE_TMA, page, prefetch)
+    for start in tl.range(prefix_full_hi, prefix_hi, BLOCK_N, num_stages=MASKED_STAGES):
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, prefix_hi, prefix_table, prefix_k_ptr, prefix_v_ptr,
+                                      prefix_page_stride, prefix_token_stride, prefix_columns, columns,
+                                      column_heads, dims, no_limit, heads, ratio, num_kv_heads, qk_scale,
+                                      1, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, True, k_desc, v_desc,
+                                      kv_head, False, 0, False)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, fields, num_parts_ptr,
                    part_start_ptr, token_kv_ptr, own_pages_ptr, stride_own_pages, stride_qt, stride_qh, page_stride,
                    token_stride, head_stride, stride_ot, stride_oh, kv_head, ratio, num_q_heads, num_kv_heads,
                    qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, k_desc, v_desc, USE_TMA: tl.constexpr,
-                   PREFETCH_PAGES: tl.constexpr, MASKED_STAGES: tl.constexpr):
+                   PREFETCH_PAGES: tl.constexpr, MASKED_STAGES: tl.constexpr, prefix_pages_ptr, stride_prefix_pages,
+                   prefix_k_ptr, prefix_v_ptr, prefix_page_stride, prefix_token_stride, prefix_head_stride,
+                   PREFIX_TMA: tl.constexpr):
     """A packed item: the decode tokens of consecutive sequences seq0 .. seq0 + n - 1 (one query token each,
     rows = token * ratio + h in one BLOCK_M-row tile) against their own KV on one KV head, in ONE key loop over
     the n * blocks_per_seq blocks (sequence-major): block b is sequence b // blocks_per_seq's block
@@ -404,7 +434,7 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
     tok_lo = tl.load(fields + 2)
     num_rows = tl.load(fields + 3)
     slot_offset = tl.load(fields + 7)
-    blocks_per_seq = tl.cdiv(tl.load(fields + 10), BLOCK_N)  # field 10: the pack's longest own range
+    blocks_per_seq = tl.cdiv(tl.load(fields + 4), BLOCK_N)  # field 4: the pack's longest own range
     rows = tl.arange(0, BLOCK_M)
     row_valid = rows < num_rows
     row_seq = rows // ratio
@@ -418,6 +448,12 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
+    if tl.load(fields + 12) > tl.load(fields + 11):  # a packed item with its group's prefix (pack_prefix)
+        acc, m_i, l_i = _attend_prefix(q, acc, m_i, l_i, fields, prefix_pages_ptr, stride_prefix_pages, prefix_k_ptr,
+                                       prefix_v_ptr, prefix_page_stride, prefix_token_stride, prefix_head_stride,
+                                       columns, columns, dims, heads, ratio, num_kv_heads, qk_scale, kv_head, k_desc,
+                                       v_desc, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
+                                       PREFIX_TMA, PREFETCH_PAGES)
     num_seqs = num_rows // ratio
     full = 0
     if USE_TMA:

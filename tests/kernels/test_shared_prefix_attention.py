@@ -440,7 +440,7 @@ def test_packed_items_through_tma(page_size, block_n, ratio, num_kv_heads, prefe
     plan = plan_paged_attention(meta, num_q_heads, num_kv_heads, 64, use_tma=True)
     items = plan.items[: int(plan.num_items)]
     packed = items[items[:, 0] == attention_plan.PACKED]
-    assert int(packed[:, 10].max()) > attention_plan.PACK_MAX_KEYS  # longer ranges packed than without TMA
+    assert int(packed[:, 4].max()) > attention_plan.PACK_MAX_KEYS  # longer ranges packed than without TMA
     plan.block_n, plan.prefetch_pages = block_n, prefetch
     plan.part_out.fill_(float("nan"))
     plan.part_lse.fill_(float("nan"))
@@ -449,3 +449,58 @@ def test_packed_items_through_tma(page_size, block_n, ratio, num_kv_heads, prefe
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
     assert used == [block_n, block_n]
     assert 16 not in plan_paged_attention(meta, num_q_heads, num_kv_heads, 64, use_tma=True, pack=False).items[:, 0]
+
+
+@pytest.mark.parametrize("ratio,num_kv_heads,rows", [(8, 1, 64), (4, 2, 16), (7, 1, 32), (1, 3, 16)])
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_prefix_packs(ratio, num_kv_heads, rows, use_tma, monkeypatch):
+    # Prefix packs: the decode tokens of a group whose every own range is packable read the group's prefix
+    # AND their own blocks in packed items: no prefix items, one partial per row. Groups of one and of many,
+    # a prefix of 0 and of 1 key, lengths on and off block boundaries, a group with a prefill chunk (it
+    # keeps prefix items), a member whose own range is too long to pack (its group keeps prefix items),
+    # NaN in every pool slot past a length.
+    from batchllm_hf.kernels import attention_plan
+
+    monkeypatch.setattr(attention_plan, "PACK_PREFIX_ROWS", rows)
+    groups = [(130, [(1 + 12 * m, 1) for m in range(11)]), (64, [(64, 1), (200, 1), (65, 1)]), (1, [(5, 1)]),
+              (40, [(9, 1), (20, 3)]), (70, [(3, 1), (300, 1)]), (None, [(33, 1), (2, 1)]), (0, [(7, 1), (8, 1)])]
+    num_q_heads = ratio * num_kv_heads
+    q, k_cache, v_cache, meta = random_paged_step(groups, num_q_heads, num_kv_heads, 64, 64, torch.float32, DEVICE, 5)
+    ref_out, ref_lse = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
+    _poison_past_lengths(k_cache, v_cache, meta)
+    plan = plan_paged_attention(meta, num_q_heads, num_kv_heads, 64, use_tma=use_tma, pack_prefix=True)
+    items = plan.items[: int(plan.num_items)]
+    with_prefix = items[(items[:, 0] == attention_plan.PACKED) & (items[:, 12] > items[:, 11])]
+    # own ranges up to PACK_MAX_KEYS_TMA keys pack with TMA, PACK_MAX_KEYS without: group 1 holds 200 keys
+    packs = {0, 1, 2} if use_tma else {0, 2}
+    assert plan.block_m_packed == rows and set(with_prefix[:, 10].tolist()) == packs
+    assert set(items[items[:, 0] % 2 == 1][:, 1].tolist()) == {1, 3, 4} - packs  # the others keep prefix items
+    plan.part_out.fill_(float("nan"))
+    plan.part_lse.fill_(float("nan"))
+    out, lse = shared_prefix_prefill(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_packs_by_default_at_gqa_8_for_groups_of_two_or_more():
+    # The planner's default (session 15's measurements): per-step plans at GQA ratios >= 8 pack groups of 2+
+    # decode members with their prefix in 64-row tiles; groups of one, GQA 4 and static plans keep prefix items.
+    from batchllm_hf.kernels import attention_plan
+
+    groups = [(100, [(20 + m, 1) for m in range(5)]), (50, [(30, 1)])]
+    for ratio, expect in ((8, True), (4, False)):
+        q, k_cache, v_cache, meta = random_paged_step(groups, 2 * ratio, 2, 64, 16, torch.float32, DEVICE)
+        plan = plan_paged_attention(meta, 2 * ratio, 2, 64)
+        items = plan.items[: int(plan.num_items)]
+        packed_groups = set(items[(items[:, 0] == attention_plan.PACKED) & (items[:, 12] > 0)][:, 10].tolist())
+        assert packed_groups == ({0} if expect else set())
+        assert plan.block_m_packed == (attention_plan.PACK_PREFIX_ROWS if expect else attention_plan.PACK_ROWS)
+        assert set(items[items[:, 0] % 2 == 1][:, 1].tolist()) == ({1} if expect else {0, 1})
+        out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
+        torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.125)[0], atol=2e-5,
+                                   rtol=2e-5)
+    static = allocate_plan(max_tokens=8, max_items=64, max_parts=32, num_q_heads=16, head_dim=64, device=DEVICE,
+                           packed=True)
+    q, k_cache, v_cache, meta = random_paged_step(groups, 16, 2, 64, 16, torch.float32, DEVICE)
+    items = plan_paged_attention(meta, 16, 2, 64, buffers=static).items[: int(static.num_items)]
+    assert not ((items[:, 0] == attention_plan.PACKED) & (items[:, 12] > 0)).any()

@@ -45,8 +45,8 @@ ABLATIONS = {
     # session 12: pointer loads, 128-row tiles for large groups, 2 stages; prefill steps without TMA too)
     "batchllm (TMA key loads everywhere)": {"attention_tma": True},
     "batchllm (TMA key loads off)": {"attention_tma": False},
-    # session 14: decode tokens whose own KV is <= 128 keys read it in packed items (several sequences per
-    # program, one pipelined loop) unless this is off
+    # session 14: decode tokens whose own KV is <= 128 keys (256 with TMA key loads, session 15) read it in
+    # packed items (several sequences per program, one pipelined loop) unless this is off
     "batchllm (packed decode items off)": {"attention_pack": False},
     # not ablations: session 8's defaults (steps of 8192 tokens; the shrinking tail padded into a captured
     # graph only up to 2x its batch, so W-paper's last 12 steps ran eagerly), and a larger token budget

@@ -17,8 +17,8 @@ names its KV head):
                  own items at 64 keys took 40 us instead of 49 for 256 sequences x 8 KV heads; at 256 keys
                  packing was slower with pointer loads, and with TMA blocks (session 15) it is 2-6% faster.
                  Static plans pack when allocated with `packed=True` (the engine's CUDA-graph plans do).
-    prefix pack  (`pack_prefix`; by default in plans made for their step at GQA >= 8, head_dim <= 128, groups
-                 of 2+) a packed item that also reads its group's prefix before its members' own blocks: for a
+    prefix pack  (`pack_prefix`; by default in TMA plans made for their step at GQA >= 8, head_dim <= 128, for
+                 groups of 2+ whose prefix the step would not split) a packed item that also reads its group's prefix before its members' own blocks: for a
                  run of a group's decode tokens that all pack, no prefix items and no partials, so no merge,
                  in tiles of PACK_PREFIX_ROWS (64) rows. Session 15 (H200, grid at GQA 8, P <= 2048, S <= 256):
                  8-24% less time per step; at GQA 4 and 7, or for groups of one, it was slower.
@@ -81,9 +81,10 @@ PACK_MAX_KEYS_TMA = 256  # ... in plans whose packed items read their whole bloc
 PACK_ROWS = 16  # rows of a packed tile (PACK_ROWS // ratio sequences per packed item; 32 / 64: no gain, session 14)
 PACK_DEFAULT = True  # plans pack short decode own ranges unless told not to (pack=False); see _pack_decode
 # Prefix packs (_pack_prefix_runs): packed items of a group's decode tokens that also read its prefix. Plans made
-# for their step use them at GQA ratios >= PACK_PREFIX_MIN_RATIO for groups of 2 or more (pack_prefix=None), in
-# tiles of PACK_PREFIX_ROWS rows (session 15: faster at GQA 8, slower at GQA 4 and 7 and for groups of one), at
-# head_dim <= 128 (64 x 256 tiles spill on sm_90a: benchmarks/compile_check.py)
+# for their step with TMA key loads use them at GQA ratios >= PACK_PREFIX_MIN_RATIO for groups of 2 or more
+# whose prefix the step would not split (pack_prefix=None), in tiles of PACK_PREFIX_ROWS rows (session 15: faster
+# at GQA 8, slower at GQA 4 and 7 and for groups of one), at head_dim <= 128 (64 x 256 tiles spill on sm_90a:
+# benchmarks/compile_check.py)
 PACK_PREFIX_MIN_RATIO = 8
 PACK_PREFIX_ROWS = 64
 NO_CAUSAL = 1 << 30
@@ -440,16 +441,18 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     # prefix in their packed items instead of in prefix items: one partial per row, no merge.
     run_ok = np.zeros(runs.size, dtype=bool)
     implicit = pack_prefix is None
-    if implicit:
-        pack_prefix = buffers is None and ratio >= PACK_PREFIX_MIN_RATIO and head_dim <= 128
+    if implicit:  # as measured: TMA plans (64-row packs with pointer loads take 180 KB of shared memory)
+        pack_prefix = buffers is None and ratio >= PACK_PREFIX_MIN_RATIO and head_dim <= 128 and tma_blocks
     if pack and pack_prefix:
         seq_ok = np.zeros(q_lens.shape[0], dtype=bool)  # kind 2: a token's rows fit 16, so a pack holds >= 1
         seq_ok[own_seqs] = ((own_kind == 2) & (own_tokens == 1) & (own_starts[own_seqs] == 0) & (own_spans > 0)
                             & (own_spans <= pack_keys))
         bad = np.concatenate([[0], np.cumsum(~seq_ok)])
         run_ok = (bad[run_last[runs] + 1] - bad[run_first[runs]] == 0) & ~run_wide
-        if implicit:  # groups of one kept their prefix items (session 15: 256 x 1 at P = 512, GQA 8: 9% slower)
-            run_ok &= run_last[runs] > run_first[runs]
+        if implicit:  # groups of one kept their prefix items (session 15: 256 x 1 at P = 512, GQA 8: 9% slower),
+            # and prefixes this step would split (a prefix pack reads its prefix whole: a long prefix beside few
+            # members would leave most SMs idle)
+            run_ok &= (run_last[runs] > run_first[runs]) & (run_spans <= chunk)
         if buffers is None and run_ok.any():
             pack_rows = PACK_PREFIX_ROWS
     prefix_pack_items = _pack_prefix_runs(run_ok, run_first[runs], run_last[runs], run_group, q_starts,

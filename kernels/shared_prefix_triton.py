@@ -429,7 +429,10 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
     latency of its item fields, page id and first KV load.
     USE_TMA: the blocks below the pack's shortest length (`full` whole blocks of every sequence, all starting
     on a page's block boundary: packed ranges start at key 0) come first, through TMA in one loop; the rest
-    (at most a block or two per sequence: block counts in a pack differ by at most one) in the masked loop."""
+    (each sequence's blocks from `full` to the pack's longest range, masked to its own length) in the masked
+    loop, which TMA plans leave unpipelined (MASKED_STAGES). A pack with a member shorter than one block thus
+    runs all its blocks there (neighbours in a plain pack differ by at most one block; a prefix pack's members
+    may differ more)."""
     seq0 = tl.load(fields + 1)
     tok_lo = tl.load(fields + 2)
     num_rows = tl.load(fields + 3)

@@ -63,7 +63,8 @@ class EngineConfig:
                          in prefill steps (13-20% faster per chunk) and CUDA-graph decode steps (3-32% less time
                          per step, session 13), not in decode steps launched eagerly (the descriptors' host
                          time); True: in every step; False: never. Same outputs either way.
-    attention_pack:      whether the triton backend reads the own KV of decode tokens with <= 128 own keys in
+    attention_pack:      whether the triton backend reads the own KV of decode tokens with <= 128 own keys
+                         (<= 256 in steps with TMA key loads, whose whole blocks then come through TMA) in
                          packed items (consecutive sequences' tokens in one 16-row tile and one pipelined key
                          loop, kernels/attention_plan._pack_decode) instead of one program per sequence and KV
                          head. Same outputs either way.

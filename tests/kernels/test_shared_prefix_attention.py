@@ -483,24 +483,27 @@ def test_prefix_packs(ratio, num_kv_heads, rows, use_tma, monkeypatch):
 
 
 def test_prefix_packs_by_default_at_gqa_8_for_groups_of_two_or_more():
-    # The planner's default (session 15's measurements): per-step plans at GQA ratios >= 8 pack groups of 2+
-    # decode members with their prefix in 64-row tiles; groups of one, GQA 4 and static plans keep prefix items.
+    # The planner's default (session 15's measurements): per-step TMA plans at GQA ratios >= 8 pack groups of 2+
+    # decode members with their prefix in 64-row tiles. Groups of one, a prefix the step splits (few members,
+    # long prefix), GQA 4, plans without TMA and static plans keep prefix items.
     from batchllm_hf.kernels import attention_plan
 
-    groups = [(100, [(20 + m, 1) for m in range(5)]), (50, [(30, 1)])]
-    for ratio, expect in ((8, True), (4, False)):
-        q, k_cache, v_cache, meta = random_paged_step(groups, 2 * ratio, 2, 64, 16, torch.float32, DEVICE)
-        plan = plan_paged_attention(meta, 2 * ratio, 2, 64)
+    def prefix_packed(plan):
         items = plan.items[: int(plan.num_items)]
-        packed_groups = set(items[(items[:, 0] == attention_plan.PACKED) & (items[:, 12] > 0)][:, 10].tolist())
-        assert packed_groups == ({0} if expect else set())
+        return set(items[(items[:, 0] == attention_plan.PACKED) & (items[:, 12] > 0)][:, 10].tolist())
+
+    groups = [(100, [(20 + m, 1) for m in range(5)]), (50, [(30, 1)]), (3000, [(10, 1), (11, 1)])]
+    for ratio, use_tma, expect in ((8, True, {0}), (4, True, set()), (8, False, set())):
+        q, k_cache, v_cache, meta = random_paged_step(groups, 2 * ratio, 2, 64, 64, torch.float32, DEVICE)
+        plan = plan_paged_attention(meta, 2 * ratio, 2, 64, use_tma=use_tma)
+        assert prefix_packed(plan) == expect
         assert plan.block_m_packed == (attention_plan.PACK_PREFIX_ROWS if expect else attention_plan.PACK_ROWS)
-        assert set(items[items[:, 0] % 2 == 1][:, 1].tolist()) == ({1} if expect else {0, 1})
+        items = plan.items[: int(plan.num_items)]
+        assert set(items[items[:, 0] % 2 == 1][:, 1].tolist()) == {0, 1, 2} - expect  # prefix items of the rest
         out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
         torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.125)[0], atol=2e-5,
                                    rtol=2e-5)
-    static = allocate_plan(max_tokens=8, max_items=64, max_parts=32, num_q_heads=16, head_dim=64, device=DEVICE,
-                           packed=True)
-    q, k_cache, v_cache, meta = random_paged_step(groups, 16, 2, 64, 16, torch.float32, DEVICE)
-    items = plan_paged_attention(meta, 16, 2, 64, buffers=static).items[: int(static.num_items)]
-    assert not ((items[:, 0] == attention_plan.PACKED) & (items[:, 12] > 0)).any()
+    static = allocate_plan(max_tokens=8, max_items=256, max_parts=64, num_q_heads=16, head_dim=64, device=DEVICE,
+                           packed=True, use_tma=True)
+    q, k_cache, v_cache, meta = random_paged_step(groups, 16, 2, 64, 64, torch.float32, DEVICE)
+    assert prefix_packed(plan_paged_attention(meta, 16, 2, 64, buffers=static)) == set()

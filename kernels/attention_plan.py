@@ -459,9 +459,8 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
                                           own_lens - own_starts, prefix_starts, prefix_lens, ratio, num_kv_heads,
                                           pack_rows)
     seq_in_prefix_pack = np.zeros(q_lens.shape[0], dtype=bool)
-    if run_ok.any():
-        seq_in_prefix_pack[np.concatenate([np.arange(a, b + 1) for a, b in
-                                           zip(run_first[runs][run_ok], run_last[runs][run_ok])])] = True
+    packed_run, member = _expand(run_last[runs][run_ok] - run_first[runs][run_ok] + 1)
+    seq_in_prefix_pack[run_first[runs][run_ok][packed_run] + member] = True
     own_in_prefix_pack = seq_in_prefix_pack[own_seqs]
 
     def build(chunk: int, chunk_wide: int):

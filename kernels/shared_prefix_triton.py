@@ -24,8 +24,8 @@ descriptions, no code copied.
                 tile of PACK_ROWS (16) rows, one KV head; ONE key loop over all their own blocks,
                 sequence-major, each block visible to its sequence's rows only (masked pointer loads,
                 pipelined by the compiler; no key past a sequence's length is read). With TMA, the whole
-                blocks below the pack's shortest length come first, through TMA (the rest, a block or two per
-                sequence, masked). One program per sequence and KV head left each program a short chain of
+                blocks below the pack's shortest length come first, through TMA, the rest masked (see
+                _attend_packed). One program per sequence and KV head left each program a short chain of
                 dependent loads and 2 programs per SM (session 14, Nsight Compute: 240 registers, 115 KB of
                 shared memory); packed, the loads of several sequences stream through one pipeline.
                 A prefix pack (fields 10-12 hold a prefix range, attention_plan's pack_prefix) reads its

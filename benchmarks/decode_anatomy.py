@@ -151,6 +151,59 @@ def PREFIX_PACK_VARIANTS(big, huge):  # packed items that also read their group'
                for rows in (16, 32, 64)}}
 
 
+MISS_STEPS = [  # session 15's grid misses (call 8): groups of 16-256 at P >= 2048
+    (16, 16, 2048, 64, 4, 8), (4, 64, 2048, 64, 4, 8), (1, 256, 2048, 64, 4, 8), (1, 256, 2048, 256, 4, 8),
+    (4, 64, 8192, 64, 4, 8), (4, 64, 8192, 256, 4, 8), (1, 256, 8192, 64, 4, 8), (1, 256, 8192, 256, 4, 8),
+    (16, 16, 2048, 64, 8, 8), (4, 64, 2048, 64, 8, 8), (4, 64, 2048, 256, 8, 8), (1, 256, 2048, 64, 8, 8),
+    (1, 256, 2048, 256, 8, 8), (4, 64, 8192, 64, 8, 8), (4, 64, 8192, 256, 8, 8), (1, 256, 8192, 64, 8, 8),
+    (1, 256, 8192, 256, 8, 8), (1, 256, 8192, 1024, 8, 8),
+]
+
+
+def SPLIT_VARIANTS(big, huge):  # the misses' parts: prefix items alone, own items alone, the merge, KV chunks
+    return {
+        "planner": [((None, None), ALL, True, {})],
+        "prefix only": [((None, None), PREFIX_KINDS, False, {})],
+        "own only (with merge)": [((None, None), OWN_KINDS, True, {})],
+        "merge skipped": [((None, None), ALL, False, {})],
+        "planner, KV chunks of 1024": [((None, 1024), ALL, True, {})],
+        "planner, KV chunks of 4096": [((None, 4096), ALL, True, {})],
+        "planner, no prefix packs": [((None, None, False, None, False), ALL, True, {})],
+    }
+
+
+MIXED_STEPS = [  # own lengths drawn per sequence from [lo, hi] (the engine's workloads: suffix + tokens so far)
+    (64, 64, 1024, (33, 192), 4, 8),   # W-large (suffixes 32-128, 64 new tokens)
+    (16, 64, 1024, (33, 192), 4, 8),
+    (8, 32, 2048, (65, 320), 4, 8),    # W-8B (suffixes 64-192, 128 new tokens)
+    (50, 16, 2000, (201, 300), 7, 4),  # W-paper (suffix 200, 100 new tokens)
+    (16, 16, 2048, (33, 192), 8, 8),   # GQA 8: prefix packs
+    (256, 1, 0, (33, 192), 4, 8),      # no shared prefix
+]
+
+
+def MIXED_VARIANTS(big, huge):  # packed items over members of different own lengths
+    return {
+        "planner": [((None, None), ALL, True, {})],
+        "packs with pointer loads": [((None, None), ALL, True, {"pack_tma": False})],
+        "unpacked": [((None, None, False, False), ALL, True, {})],
+    }
+
+
+def DEEP_VARIANTS(big, huge):  # more bytes in flight per SM: 4 stages; prefix packs of 128 rows (8 warps)
+    keys = "PACK_MAX_KEYS_TMA"
+    return {
+        "planner": [((None, None), ALL, True, {})],
+        "planner, 4 stages": [((None, None), ALL, True, {"num_stages": 4})],
+        "prefix packs, 64 rows": [((None, None, False, (keys, 64), True), ALL, True, {})],
+        "prefix packs, 128 rows, 8 warps": [((None, None, False, (keys, 128), True), ALL, True, {"num_warps": 8})],
+        "prefix packs, 128 rows, 8 warps, 2 stages": [((None, None, False, (keys, 128), True), ALL, True,
+                                                       {"num_warps": 8, "num_stages": 2})],
+        "prefix packs, 128 rows, 8 warps, 4 stages": [((None, None, False, (keys, 128), True), ALL, True,
+                                                       {"num_warps": 8, "num_stages": 4})],
+    }
+
+
 def VARIANTS(big, huge):  # name: [(planner args (block_m, chunk), item kinds, merge, kernel overrides)] per launch
     return {
         "planner": [((None, None), ALL, True, {})],
@@ -196,12 +249,12 @@ def main() -> None:
                         help="plan with use_tma=True (the engine's CUDA-graph decode configuration); calls 6, 8 "
                              "and 9 ran when that was the per-step default, so repeat them with --tma")
     parser.add_argument("--set", choices=["configs", "own", "persistent", "merge", "pack", "packtma", "packrows",
-                                          "prefixpack"],
+                                          "prefixpack", "split", "deep", "mixed"],
                         default="configs",
                         help="configs: session 13's tile/TMA variants (call 3); own: own-item variants (call 6); "
                              "persistent: programs looping over items (call 8); merge: the merge launch (call 9); "
                              "pack: packed decode items (session 14); packtma: packed items through TMA "
-                             "(session 15)")
+                             "(session 15); split: the session-15 grid misses taken apart (session 16)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     ceilings = device_ceilings()
@@ -211,10 +264,16 @@ def main() -> None:
                                                           "merge": MERGE_STEPS, "pack": PACK_STEPS,
                                                           "packtma": PACK_TMA_STEPS,
                                                           "packrows": PACK_TMA_STEPS,
-                                                          "prefixpack": PACK_TMA_STEPS}[args.set][: args.steps]:
-        q, k_cache, v_cache, meta = make_step(groups, members, prefix, own, 1, ratio, num_kv_heads=kv_heads)
+                                                          "prefixpack": PACK_TMA_STEPS, "split": MISS_STEPS, "deep": MISS_STEPS, "mixed": MIXED_STEPS}[args.set][: args.steps]:
+        lengths = own if isinstance(own, tuple) else (own, own)
+        q, k_cache, v_cache, meta = make_step(groups, members, prefix, lengths[1], 1, ratio, num_kv_heads=kv_heads)
+        if lengths[0] != lengths[1]:
+            meta = dataclasses.replace(meta, own_lens=torch.randint(lengths[0], lengths[1] + 1, meta.own_lens.shape,
+                                                                    generator=torch.Generator().manual_seed(1)).to(
+                                                                        meta.own_lens))
         scale = HEAD_DIM ** -0.5
-        must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * groups * (prefix + members * own)
+        own_keys = int(meta.own_lens.sum())
+        must_read = (2 * kv_heads * HEAD_DIM * q.element_size() * (groups * prefix + own_keys)
                      + 2 * q.numel() * q.element_size())
         base = plan_paged_attention(meta, q.shape[1], kv_heads, HEAD_DIM, use_tma=args.tma)
         out, lse = torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")
@@ -255,17 +314,18 @@ def main() -> None:
         huge = 128 if members * ratio >= 128 else big
         chosen = {"configs": VARIANTS, "own": OWN_VARIANTS, "persistent": PERSISTENT_VARIANTS,
                   "merge": MERGE_VARIANTS, "pack": PACK_VARIANTS, "packtma": PACK_TMA_VARIANTS,
-                  "packrows": PACK_TMA_ROWS_VARIANTS, "prefixpack": PREFIX_PACK_VARIANTS}[args.set]
+                  "packrows": PACK_TMA_ROWS_VARIANTS, "prefixpack": PREFIX_PACK_VARIANTS,
+                  "split": SPLIT_VARIANTS, "deep": DEEP_VARIANTS, "mixed": MIXED_VARIANTS}[args.set]
         variants = {name: [subplan(planned(*args), kinds, merge, **config) for args, kinds, merge, config in spec]
                     for name, spec in chosen(big, huge).items()}
-        if args.set in ("pack", "packtma"):
+        if args.set in ("pack", "packtma", "mixed"):
             variants["CUDA-graph static plan (engine)"] = [_static_plan(meta, q, kv_heads, None)]
         if args.set == "configs":
             variants["CUDA-graph static plan (engine today)"] = [_static_plan(meta, q, kv_heads, None)]
             variants["static plan, prefill config"] = [static(block_m=64, block_m_own=16, **PREFILL_TILES)]
             variants["static plan, prefill config, 2 stages"] = [static(block_m=64, block_m_own=16,
                                                                        **dict(PREFILL_TILES, num_stages=2))]
-        step = [groups, members, prefix, own, ratio, kv_heads]
+        step = [groups, members, prefix, list(lengths) if lengths[0] != lengths[1] else own, ratio, kv_heads]
         cells = []
         for name, plans in variants.items():
             kernels.MERGE_ELEMENTS = getattr(plans[-1], "merge_elements", MERGE_DEFAULT)

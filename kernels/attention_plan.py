@@ -87,6 +87,7 @@ PACK_DEFAULT = True  # plans pack short decode own ranges unless told not to (pa
 # benchmarks/compile_check.py)
 PACK_PREFIX_MIN_RATIO = 8
 PACK_PREFIX_ROWS = 64
+PACK_MAX_SEQS = 32  # sequences per packed item at most (the kernel finds a block's sequence with one-warp reductions)
 NO_CAUSAL = 1 << 30
 SMALL_TILE = 16
 PREFILL_TILE = 128  # rows: a step whose own row sets are this large gets the prefill tiles; members whose
@@ -235,8 +236,8 @@ def allocate_plan(max_tokens: int, max_items: int, max_parts: int, num_q_heads: 
     `wide_tiles(num_q_heads, head_dim)`."""
     default_m_wide, default_n_wide = wide_tiles(num_q_heads, head_dim)
     block_m_packed = block_m_packed or PACK_ROWS
-    if block_m_packed not in (16, 32, 64):
-        raise ValueError(f"block_m_packed must be 16, 32 or 64 rows, got {block_m_packed}.")
+    if block_m_packed not in (16, 32, 64, 128):
+        raise ValueError(f"block_m_packed must be 16, 32, 64 or 128 rows, got {block_m_packed}.")
     return PagedAttentionPlan(
         items=torch.empty((max_items, NUM_FIELDS), dtype=torch.int32, device=device),  # read below num_items
         num_items=torch.zeros((1,), dtype=torch.int32, device=device),
@@ -572,7 +573,7 @@ def _pack_prefix_runs(run_ok, run_first, run_last, run_group, q_starts, own_lens
     tokens only, every one's own KV packable), pack_rows // ratio consecutive members per tile of pack_rows
     rows, each item reading its group's prefix (fields 10-12) and then its members' own blocks: one partial
     per row, no prefix items, no merge. Returns the items (n_items, NUM_FIELDS)."""
-    per_pack = pack_rows // ratio
+    per_pack = min(pack_rows // ratio, PACK_MAX_SEQS)
     runs = np.flatnonzero(run_ok)
     if runs.size == 0 or per_pack < 1:
         return np.zeros((0, NUM_FIELDS), dtype=np.int64)
@@ -600,7 +601,7 @@ def _pack_decode(pack: bool, own_seqs, own_kind, own_tokens, own_splits, own_spa
     each other.
     Returns (which own entries are packed, the packed items (n_items, NUM_FIELDS))."""
     count = own_seqs.shape[0]
-    per_pack = pack_rows // ratio
+    per_pack = min(pack_rows // ratio, PACK_MAX_SEQS)
     ok = (pack & (per_pack >= 2) & (own_kind == 2) & (own_tokens == 1) & (own_splits == 1) & (own_first == 0)
           & (own_spans > 0) & (own_spans <= max_keys) & ~taken)
     candidates = np.flatnonzero(ok)

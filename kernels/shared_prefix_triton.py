@@ -458,38 +458,49 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
                                        v_desc, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, MASKED_STAGES,
                                        PREFIX_TMA, PREFETCH_PAGES)
     num_seqs = num_rows // ratio
-    full = 0
     if USE_TMA:
-        lens = tl.load(token_kv_ptr + tok_lo + rows, mask=rows < num_seqs, other=1 << 30)
-        full = tl.reduce(lens, 0, tl.standard._elementwise_min) // BLOCK_N
+        # Member j's whole blocks (own_j // BLOCK_N of them) run through TMA in one loop over all members' whole
+        # blocks (member-major: block b is member j's block b - starts_j, j the member whose [starts_j, ends_j)
+        # holds b); then each member's partial last block, masked, in the masked loop.
+        # the pack's members as one vector of at most 32 (attention_plan.PACK_MAX_SEQS): one warp holds it, so the
+        # reductions below stay within a warp (no shared memory, no barrier in the key loop)
+        seqs = tl.arange(0, 32)
+        lens = tl.load(token_kv_ptr + tok_lo + seqs, mask=seqs < num_seqs, other=0)
+        whole = lens // BLOCK_N
+        ends = tl.associative_scan(whole, 0, tl.standard._sum_combine)
+        starts = ends - whole
+        total = tl.reduce(whole, 0, tl.standard._sum_combine)
         tables = own_pages_ptr + seq0.to(tl.int64) * stride_own_pages
-        total = num_seqs * full
-        if PREFETCH_PAGES:  # page ids a block ahead (see _attend_block)
-            next_page = tl.load(tables)
+        if PREFETCH_PAGES:  # page ids a block ahead (see _attend_block); block 0 is the first member with one
+            next_page = tl.load(tables + tl.reduce((ends <= 0).to(tl.int32), 0, tl.standard._sum_combine)
+                                * stride_own_pages)
         for b in range(0, total):
-            j = b // full
-            start = (b - j * full) * BLOCK_N
+            j = tl.reduce((ends <= b).to(tl.int32), 0, tl.standard._sum_combine)
+            start = (b - tl.reduce(tl.where(seqs == j, starts, 0), 0, tl.standard._sum_combine)) * BLOCK_N
             page = 0
             if PREFETCH_PAGES:
                 page = next_page
                 after = tl.minimum(b + 1, total - 1)
-                after_j = after // full
-                next_page = tl.load(tables + after_j * stride_own_pages + (after - after_j * full) * BLOCK_N // PAGE_SIZE)
+                after_j = tl.reduce((ends <= after).to(tl.int32), 0, tl.standard._sum_combine)
+                after_start = after - tl.reduce(tl.where(seqs == after_j, starts, 0), 0, tl.standard._sum_combine)
+                next_page = tl.load(tables + after_j * stride_own_pages + after_start * BLOCK_N // PAGE_SIZE)
             positions = tl.where(row_seq == j, 1 << 30, -1)  # other sequences' rows see none of this block
             acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, 1 << 30, tables + j * stride_own_pages, k_ptr,
                                           v_ptr, page_stride, token_stride, column_offset, columns, columns, dims,
                                           positions, heads, ratio, num_kv_heads, qk_scale, 1, PAGE_SIZE,
                                           DOT_PRECISION, DOT_DTYPE, True, k_desc, v_desc, kv_head, True, page,
                                           PREFETCH_PAGES)
-        rest = blocks_per_seq - full
-        for b in tl.range(0, num_seqs * rest, num_stages=MASKED_STAGES):
-            acc, m_i, l_i = _packed_block(q, acc, m_i, l_i, b, rest, full, seq0, tok_lo, token_kv_ptr, own_pages_ptr,
-                                          stride_own_pages, k_ptr, v_ptr, page_stride, token_stride, column_offset,
-                                          columns, dims, row_seq, heads, ratio, num_kv_heads, qk_scale, BLOCK_N,
-                                          PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, k_desc, v_desc, kv_head)
+        for j in tl.range(0, num_seqs, num_stages=MASKED_STAGES):
+            kv_len = tl.load(token_kv_ptr + tok_lo + j)
+            if kv_len % BLOCK_N != 0:
+                acc, m_i, l_i = _packed_block(q, acc, m_i, l_i, j, 1, kv_len // BLOCK_N, seq0, tok_lo, token_kv_ptr,
+                                              own_pages_ptr, stride_own_pages, k_ptr, v_ptr, page_stride,
+                                              token_stride, column_offset, columns, dims, row_seq, heads, ratio,
+                                              num_kv_heads, qk_scale, BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE,
+                                              k_desc, v_desc, kv_head)
     else:
         for b in range(0, num_seqs * blocks_per_seq):
-            acc, m_i, l_i = _packed_block(q, acc, m_i, l_i, b, blocks_per_seq, full, seq0, tok_lo, token_kv_ptr,
+            acc, m_i, l_i = _packed_block(q, acc, m_i, l_i, b, blocks_per_seq, 0, seq0, tok_lo, token_kv_ptr,
                                           own_pages_ptr, stride_own_pages, k_ptr, v_ptr, page_stride, token_stride,
                                           column_offset, columns, dims, row_seq, heads, ratio, num_kv_heads, qk_scale,
                                           BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, k_desc, v_desc, kv_head)

@@ -451,7 +451,7 @@ def test_packed_items_through_tma(page_size, block_n, ratio, num_kv_heads, prefe
     assert 16 not in plan_paged_attention(meta, num_q_heads, num_kv_heads, 64, use_tma=True, pack=False).items[:, 0]
 
 
-@pytest.mark.parametrize("ratio,num_kv_heads,rows", [(8, 1, 64), (4, 2, 16), (7, 1, 32), (1, 3, 16)])
+@pytest.mark.parametrize("ratio,num_kv_heads,rows", [(8, 1, 64), (4, 2, 16), (7, 1, 32), (1, 3, 16), (8, 1, 128)])
 @pytest.mark.parametrize("use_tma", [False, True])
 def test_prefix_packs(ratio, num_kv_heads, rows, use_tma, monkeypatch):
     # Prefix packs: the decode tokens of a group whose every own range is packable read the group's prefix

@@ -182,6 +182,17 @@ MIXED_STEPS = [  # own lengths drawn per sequence from [lo, hi] (the engine's wo
 ]
 
 
+FILL_STEPS = [  # GQA 8 at long prefixes: prefix packs where the step would split the prefix but the packs fill the GPU
+    (16, 16, 8192, 64, 8, 8), (16, 16, 8192, 256, 8, 8), (16, 16, 8192, 1024, 8, 8), (4, 64, 8192, 64, 8, 8),
+    (1, 256, 8192, 256, 8, 8), (64, 4, 8192, 256, 8, 8), (2, 8, 32768, 64, 8, 8),
+]
+
+
+def FILL_VARIANTS(big, huge):
+    return {"planner": [((None, None), ALL, True, {})],
+            "no prefix packs": [((None, None, False, None, False), ALL, True, {})]}
+
+
 def MIXED_VARIANTS(big, huge):  # packed items over members of different own lengths
     return {
         "planner": [((None, None), ALL, True, {})],
@@ -249,7 +260,7 @@ def main() -> None:
                         help="plan with use_tma=True (the engine's CUDA-graph decode configuration); calls 6, 8 "
                              "and 9 ran when that was the per-step default, so repeat them with --tma")
     parser.add_argument("--set", choices=["configs", "own", "persistent", "merge", "pack", "packtma", "packrows",
-                                          "prefixpack", "split", "deep", "mixed"],
+                                          "prefixpack", "split", "deep", "mixed", "fill"],
                         default="configs",
                         help="configs: session 13's tile/TMA variants (call 3); own: own-item variants (call 6); "
                              "persistent: programs looping over items (call 8); merge: the merge launch (call 9); "
@@ -264,7 +275,7 @@ def main() -> None:
                                                           "merge": MERGE_STEPS, "pack": PACK_STEPS,
                                                           "packtma": PACK_TMA_STEPS,
                                                           "packrows": PACK_TMA_STEPS,
-                                                          "prefixpack": PACK_TMA_STEPS, "split": MISS_STEPS, "deep": MISS_STEPS, "mixed": MIXED_STEPS}[args.set][: args.steps]:
+                                                          "prefixpack": PACK_TMA_STEPS, "split": MISS_STEPS, "deep": MISS_STEPS, "mixed": MIXED_STEPS, "fill": FILL_STEPS}[args.set][: args.steps]:
         lengths = own if isinstance(own, tuple) else (own, own)
         q, k_cache, v_cache, meta = make_step(groups, members, prefix, lengths[1], 1, ratio, num_kv_heads=kv_heads)
         if lengths[0] != lengths[1]:
@@ -315,7 +326,7 @@ def main() -> None:
         chosen = {"configs": VARIANTS, "own": OWN_VARIANTS, "persistent": PERSISTENT_VARIANTS,
                   "merge": MERGE_VARIANTS, "pack": PACK_VARIANTS, "packtma": PACK_TMA_VARIANTS,
                   "packrows": PACK_TMA_ROWS_VARIANTS, "prefixpack": PREFIX_PACK_VARIANTS,
-                  "split": SPLIT_VARIANTS, "deep": DEEP_VARIANTS, "mixed": MIXED_VARIANTS}[args.set]
+                  "split": SPLIT_VARIANTS, "deep": DEEP_VARIANTS, "mixed": MIXED_VARIANTS, "fill": FILL_VARIANTS}[args.set]
         variants = {name: [subplan(planned(*args), kinds, merge, **config) for args, kinds, merge, config in spec]
                     for name, spec in chosen(big, huge).items()}
         if args.set in ("pack", "packtma", "mixed"):

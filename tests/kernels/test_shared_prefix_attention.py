@@ -451,6 +451,28 @@ def test_packed_items_through_tma(page_size, block_n, ratio, num_kv_heads, prefe
     assert 16 not in plan_paged_attention(meta, num_q_heads, num_kv_heads, 64, use_tma=True, pack=False).items[:, 0]
 
 
+def test_packs_hold_at_most_32_sequences(monkeypatch):
+    # The kernel finds a TMA block's sequence with reductions over a 32-wide vector (one warp), so the planner
+    # puts at most PACK_MAX_SEQS = 32 sequences in a pack, even where the tile has rows for more (64-row packs
+    # at GQA 1). 40 decode members of mixed lengths (some below one block), NaN past every length.
+    from batchllm_hf.kernels import attention_plan
+
+    monkeypatch.setattr(attention_plan, "PACK_ROWS", 64)
+    groups = [(70, [(5 + 13 * (m % 7), 1) for m in range(40)])]
+    q, k_cache, v_cache, meta = random_paged_step(groups, 2, 2, 64, 64, torch.float32, DEVICE, 2)
+    ref_out, ref_lse = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
+    _poison_past_lengths(k_cache, v_cache, meta)
+    plan = plan_paged_attention(meta, 2, 2, 64, use_tma=True)
+    items = plan.items[: int(plan.num_items)]
+    packed = items[items[:, 0] == attention_plan.PACKED]
+    assert plan.block_m_packed == 64 and sorted(set(packed[:, 3].tolist())) == [8, 32]  # rows = sequences at GQA 1
+    plan.part_out.fill_(float("nan"))
+    plan.part_lse.fill_(float("nan"))
+    out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("ratio,num_kv_heads,rows", [(8, 1, 64), (4, 2, 16), (7, 1, 32), (1, 3, 16), (8, 1, 128)])
 @pytest.mark.parametrize("use_tma", [False, True])
 def test_prefix_packs(ratio, num_kv_heads, rows, use_tma, monkeypatch):
@@ -500,6 +522,15 @@ def test_prefix_packs_by_default_at_gqa_8_for_groups_of_two_or_more():
         assert plan.block_m_packed == (attention_plan.PACK_PREFIX_ROWS if expect else attention_plan.PACK_ROWS)
         items = plan.items[: int(plan.num_items)]
         assert set(items[items[:, 0] % 2 == 1][:, 1].tolist()) == {0, 1, 2} - expect  # prefix items of the rest
+        out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
+        torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.125)[0], atol=2e-5,
+                                   rtol=2e-5)
+    # a prefix the step would split still gets prefix packs where the step's packs fill the GPU (one program
+    # per pack and KV head, at least one per SM): here 2 packs x 2 KV heads on a GPU of 4 SMs
+    for num_sms, expect in ((4, {0, 2}), (5, {0})):
+        q, k_cache, v_cache, meta = random_paged_step(groups, 16, 2, 64, 64, torch.float32, DEVICE)
+        plan = plan_paged_attention(meta, 16, 2, 64, use_tma=True, num_sms=num_sms)
+        assert prefix_packed(plan) == expect
         out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
         torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.125)[0], atol=2e-5,
                                    rtol=2e-5)

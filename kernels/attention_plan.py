@@ -13,15 +13,17 @@ names its KV head):
                  PACK_MAX_KEYS keys (PACK_MAX_KEYS_TMA in plans with TMA key loads over pages of whole blocks),
                  PACK_ROWS // ratio of them in one tile of PACK_ROWS (16) rows, one KV head: one program reads
                  all their own blocks in one pipelined loop (each block masked to its sequence's rows; with
-                 TMA, the whole blocks below the pack's shortest length through TMA). On an H200 (session 14)
-                 own items at 64 keys took 40 us instead of 49 for 256 sequences x 8 KV heads; at 256 keys
-                 packing was slower with pointer loads, and with TMA blocks (session 15) it is 2-6% faster.
+                 TMA, each sequence's whole blocks through TMA; at most PACK_MAX_SEQS sequences). On an H200
+                 (session 14) own items at 64 keys took 40 us instead of 49 for 256 sequences x 8 KV heads; at
+                 256 keys packing was slower with pointer loads, and with TMA blocks (session 15) it is 2-6%
+                 faster; on steps of mixed own lengths, up to 21% faster since session 16's per-sequence TMA blocks.
                  Static plans pack when allocated with `packed=True` (the engine's CUDA-graph plans do).
     prefix pack  (`pack_prefix`; by default in TMA plans made for their step at GQA >= 8, head_dim <= 128, for
-                 groups of 2+ whose prefix the step would not split) a packed item that also reads its group's prefix before its members' own blocks: for a
+                 groups of 2+ whose prefix the step would not split, or whose packs fill the GPU) a packed item that also reads its group's prefix before its members' own blocks: for a
                  run of a group's decode tokens that all pack, no prefix items and no partials, so no merge,
                  in tiles of PACK_PREFIX_ROWS (64) rows. Session 15 (H200, grid at GQA 8, P <= 2048, S <= 256):
-                 8-24% less time per step; at GQA 4 and 7, or for groups of one, it was slower.
+                 8-24% less time per step; at GQA 4 and 7, or for groups of one, it was slower. Session 16:
+                 5% less at P = 8192 with 16 groups of 16, where the packs fill the GPU though the prefix is split.
     wide item    (opt-in, `wide=True`) a decode-sized row set, i.e. at most one token's query heads of all
                  KV heads (rows = token * Hq + head): one program reads each key token's KV heads as one
                  contiguous run and masks the scores of other heads. On an H200 it was slower than
@@ -82,7 +84,7 @@ PACK_ROWS = 16  # rows of a packed tile (PACK_ROWS // ratio sequences per packed
 PACK_DEFAULT = True  # plans pack short decode own ranges unless told not to (pack=False); see _pack_decode
 # Prefix packs (_pack_prefix_runs): packed items of a group's decode tokens that also read its prefix. Plans made
 # for their step with TMA key loads use them at GQA ratios >= PACK_PREFIX_MIN_RATIO for groups of 2 or more
-# whose prefix the step would not split (pack_prefix=None), in tiles of PACK_PREFIX_ROWS rows (session 15: faster
+# whose prefix the step would not split or whose packs fill the GPU (pack_prefix=None), in tiles of PACK_PREFIX_ROWS rows (session 15: faster
 # at GQA 8, slower at GQA 4 and 7 and for groups of one), at head_dim <= 128 (64 x 256 tiles spill on sm_90a:
 # benchmarks/compile_check.py)
 PACK_PREFIX_MIN_RATIO = 8

@@ -23,9 +23,9 @@ descriptions, no code copied.
                 PACK_MAX_KEYS_TMA with TMA): the tokens of PACK_ROWS // ratio consecutive sequences in one
                 tile of PACK_ROWS (16) rows, one KV head; ONE key loop over all their own blocks,
                 sequence-major, each block visible to its sequence's rows only (masked pointer loads,
-                pipelined by the compiler; no key past a sequence's length is read). With TMA, the whole
-                blocks below the pack's shortest length come first, through TMA, the rest masked (see
-                _attend_packed). One program per sequence and KV head left each program a short chain of
+                pipelined by the compiler; no key past a sequence's length is read). With TMA, each
+                sequence's whole blocks come first, through TMA in one loop over the pack, then each
+                sequence's partial last block, masked (see _attend_packed). One program per sequence and KV head left each program a short chain of
                 dependent loads and 2 programs per SM (session 14, Nsight Compute: 240 registers, 115 KB of
                 shared memory); packed, the loads of several sequences stream through one pipeline.
                 A prefix pack (fields 10-12 hold a prefix range, attention_plan's pack_prefix) reads its
@@ -133,6 +133,13 @@ dropped: merging in the attention launch (the last program to write a row's part
 acq_rel atomic count per row) was 1-17 us slower on all 16 steps timed: each program's epilogue became a
 chain of barrier, atomic round trip and L2 reads, with only 2 programs per SM to hide it; the patch is kept
 in that folder.
+Session 16 (benchmarks/results/2026-11-30-session16): the grid's misses taken apart (`--set split`): at
+S = 64 the prefix items alone take 50-84 us of a 71-113 us step, at S = 256 the own items alone 88-90 us
+(72% of copy bandwidth over 268 MB) of 98-151. Deeper pipelines did not help (`--set deep`: 4 stages, or
+prefix packs of 128 rows with 8 warps, were slower on all 18 misses), and triton 3.6's automatic warp
+specialization does not compile this kind of loop for sm_90a (an assertion in its Hopper pass at 4 warps,
+no partitioning at 8). Packed items now read each member's whole blocks through TMA (above): decode steps of
+mixed own lengths up to 21% faster; 42 of 61 grid rows.
 """
 
 from __future__ import annotations
@@ -427,12 +434,16 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
     only. So several short own ranges stream through one pipelined loop (pointer loads, masked, which also
     skip the blocks past a shorter sequence's length) instead of one program each paying the start-up
     latency of its item fields, page id and first KV load.
-    USE_TMA: the blocks below the pack's shortest length (`full` whole blocks of every sequence, all starting
-    on a page's block boundary: packed ranges start at key 0) come first, through TMA in one loop; the rest
-    (each sequence's blocks from `full` to the pack's longest range, masked to its own length) in the masked
-    loop, which TMA plans leave unpipelined (MASKED_STAGES). A pack with a member shorter than one block thus
-    runs all its blocks there (neighbours in a plain pack differ by at most one block; a prefix pack's members
-    may differ more)."""
+    USE_TMA: every sequence's whole blocks (own_j // BLOCK_N, all starting on a page's block boundary: packed
+    ranges start at key 0) come first, through TMA in ONE loop over the pack's whole blocks; then each
+    sequence's partial last block, masked to its own length, in the masked loop (which TMA plans leave
+    unpipelined: MASKED_STAGES). Session 15 read only the blocks below the pack's SHORTEST length through TMA,
+    so a pack with one member under a block ran all its blocks unpipelined: on steps of mixed own lengths
+    (the engine's) that made TMA packs 5-23% slower than pointer-load packs; this layout made those steps
+    up to 21% faster than session 15's (session 16, decode_anatomy.py --set mixed). The block's sequence is found
+    with reductions over a 32-wide vector of the pack's members (at most attention_plan.PACK_MAX_SEQS): one
+    warp holds it, so no shared memory or barrier enters the key loop (over the 64-wide row vector those
+    reductions made 64-row prefix packs 19% slower than session 15's loop)."""
     seq0 = tl.load(fields + 1)
     tok_lo = tl.load(fields + 2)
     num_rows = tl.load(fields + 3)
@@ -472,8 +483,9 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
         total = tl.reduce(whole, 0, tl.standard._sum_combine)
         tables = own_pages_ptr + seq0.to(tl.int64) * stride_own_pages
         if PREFETCH_PAGES:  # page ids a block ahead (see _attend_block); block 0 is the first member with one
-            next_page = tl.load(tables + tl.reduce((ends <= 0).to(tl.int32), 0, tl.standard._sum_combine)
-                                * stride_own_pages)
+            # (clamped to the pack: with no whole block at all the count would point past its last member's row)
+            first_j = tl.minimum(tl.reduce((ends <= 0).to(tl.int32), 0, tl.standard._sum_combine), num_seqs - 1)
+            next_page = tl.load(tables + first_j * stride_own_pages)
         for b in range(0, total):
             j = tl.reduce((ends <= b).to(tl.int32), 0, tl.standard._sum_combine)
             start = (b - tl.reduce(tl.where(seqs == j, starts, 0), 0, tl.standard._sum_combine)) * BLOCK_N

@@ -19,7 +19,8 @@ names its KV head):
                  faster; on steps of mixed own lengths, up to 21% faster since session 16's per-sequence TMA blocks.
                  Static plans pack when allocated with `packed=True` (the engine's CUDA-graph plans do).
     prefix pack  (`pack_prefix`; by default in TMA plans made for their step at GQA >= 8, head_dim <= 128, for
-                 groups of 2+ whose prefix the step would not split, or whose packs fill the GPU) a packed item that also reads its group's prefix before its members' own blocks: for a
+                 groups of 2+ whose prefix the step would not split, or whose packs fill the GPU and whose prefix is at
+                 most PACK_PREFIX_FILL_SHARES fair shares of the step's work) a packed item that also reads its group's prefix before its members' own blocks: for a
                  run of a group's decode tokens that all pack, no prefix items and no partials, so no merge,
                  in tiles of PACK_PREFIX_ROWS (64) rows. Session 15 (H200, grid at GQA 8, P <= 2048, S <= 256):
                  8-24% less time per step; at GQA 4 and 7, or for groups of one, it was slower. Session 16:
@@ -89,6 +90,7 @@ PACK_DEFAULT = True  # plans pack short decode own ranges unless told not to (pa
 # benchmarks/compile_check.py)
 PACK_PREFIX_MIN_RATIO = 8
 PACK_PREFIX_ROWS = 64
+PACK_PREFIX_FILL_SHARES = 4  # (_PROGRAMS_PER_SM) prefix length a pack may read whole, in fair shares, where packs fill the GPU
 PACK_MAX_SEQS = 32  # sequences per packed item at most (the kernel finds a block's sequence with one-warp reductions)
 NO_CAUSAL = 1 << 30
 SMALL_TILE = 16
@@ -424,6 +426,7 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
     target = num_sms * _PROGRAMS_PER_SM
     balanced = _cdiv(work, target) if work else 0
     min_chunk = _MIN_CHUNK if unsplit_programs < target else _MIN_CHUNK_FILLED
+    chunk_given = chunk is not None
     if chunk is not None:
         if chunk < 1:
             raise ValueError(f"chunk must be a positive number of KV tokens, got {chunk}.")
@@ -455,13 +458,16 @@ def plan_attention(q_starts: np.ndarray, own_lens: np.ndarray, seq_group: np.nda
         if implicit:  # groups of one kept their prefix items (session 15: 256 x 1 at P = 512, GQA 8: 9% slower),
             # and prefixes this step would split (a prefix pack reads its prefix whole: a long prefix beside few
             # members would leave most SMs idle)
-            # unless the step's prefix packs fill the GPU anyway (session 16, H200, P = 8192, GQA 8: 16 groups of 16
-            # took 203 / 250 us with prefix items against 191 / 232 with prefix packs, 256 programs)
+            # unless the step's prefix packs fill the GPU anyway (one program per SM or more) and the prefix is no
+            # longer than PACK_PREFIX_FILL_SHARES fair shares of the step's work (one SM's share: no single group's
+            # pack outlasts the step). Session 16, H200, P = 8192 (chunks of 2048, a fair share ~4200 keys), GQA 8:
+            # 16 groups of 16 took 201 / 246 us with prefix items against 190 / 234 with prefix packs (256
+            # programs); 4 x 64 and 1 x 256 within 1%.
             run_ok &= run_last[runs] > run_first[runs]
             per_pack = min(PACK_PREFIX_ROWS // ratio, PACK_MAX_SEQS)
             pack_programs = int(_cdiv(run_last[runs] - run_first[runs] + 1, per_pack)[run_ok].sum()) * num_kv_heads
-            if pack_programs < num_sms:
-                run_ok &= run_spans <= chunk
+            fills = pack_programs >= num_sms and not chunk_given
+            run_ok &= run_spans <= (max(chunk, PACK_PREFIX_FILL_SHARES * balanced) if fills else chunk)
         if buffers is None and run_ok.any():
             pack_rows = PACK_PREFIX_ROWS
     prefix_pack_items = _pack_prefix_runs(run_ok, run_first[runs], run_last[runs], run_group, q_starts,

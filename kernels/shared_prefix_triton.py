@@ -148,13 +148,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_plan import NUM_FIELDS, PagedAttentionPlan
+from .attention_plan import NUM_FIELDS, PACK_MAX_SEQS, PagedAttentionPlan
 
 try:  # tensor descriptors (TMA on Hopper): triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton: pointer loads only
     TensorDescriptor = None
 from .paged import PagedAttentionMetadata
+
+_PACK_SEQS = tl.constexpr(PACK_MAX_SEQS)  # the member vector of packed items: as wide as the planner's cap
 
 _LOG2E = 1.4426950408889634
 # (head, dim) elements per merge program: its query heads are MERGE_ELEMENTS // head_dim. Session 13
@@ -473,9 +475,9 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
         # Member j's whole blocks (own_j // BLOCK_N of them) run through TMA in one loop over all members' whole
         # blocks (member-major: block b is member j's block b - starts_j, j the member whose [starts_j, ends_j)
         # holds b); then each member's partial last block, masked, in the masked loop.
-        # the pack's members as one vector of at most 32 (attention_plan.PACK_MAX_SEQS): one warp holds it, so the
+        # the pack's members as one vector of PACK_MAX_SEQS (32, the planner's cap): one warp holds it, so the
         # reductions below stay within a warp (no shared memory, no barrier in the key loop)
-        seqs = tl.arange(0, 32)
+        seqs = tl.arange(0, _PACK_SEQS)
         lens = tl.load(token_kv_ptr + tok_lo + seqs, mask=seqs < num_seqs, other=0)
         whole = lens // BLOCK_N
         ends = tl.associative_scan(whole, 0, tl.standard._sum_combine)

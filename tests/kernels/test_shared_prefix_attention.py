@@ -420,9 +420,9 @@ def _poison_past_lengths(k_cache, v_cache, meta):
 @pytest.mark.parametrize("ratio,num_kv_heads", [(4, 2), (7, 1), (1, 3)])
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_packed_items_through_tma(page_size, block_n, ratio, num_kv_heads, prefetch, monkeypatch):
-    # With TMA key loads, packed items read the whole blocks below their pack's shortest length through TMA
-    # and the rest (past it, up to a block or two per sequence) with masked pointer loads; such plans pack own
-    # ranges up to PACK_MAX_KEYS_TMA keys. Lengths on and off block boundaries (64, 65, 128, 250, 256), packs
+    # With TMA key loads, packed items read each sequence's whole blocks through TMA (one loop over the pack)
+    # and each sequence's partial last block with masked pointer loads; such plans pack own ranges up to
+    # PACK_MAX_KEYS_TMA keys. Lengths on and off block boundaries (64, 65, 128, 250, 256), packs
     # whose shortest member has no whole block, NaN in every pool slot past a length (a TMA block or a
     # pointer load past a length would poison the output), block_n narrowed after planning (32).
     from batchllm_hf.kernels import attention_plan, shared_prefix_triton
@@ -449,6 +449,49 @@ def test_packed_items_through_tma(page_size, block_n, ratio, num_kv_heads, prefe
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
     assert used == [block_n, block_n]
     assert 16 not in plan_paged_attention(meta, num_q_heads, num_kv_heads, 64, use_tma=True, pack=False).items[:, 0]
+
+
+@pytest.mark.parametrize("block_n,prefetch", [(64, True), (64, False), (32, True)])
+def test_packed_tma_blocks_of_members_of_any_lengths(block_n, prefetch):
+    # Prefix packs hold members whose lengths differ by any number of blocks: members with no whole block
+    # first (the first TMA block is a later member's: its page id is prefetched from that member's row), in the
+    # middle and last, exact multiples of a block (no masked block at all), all below one block. GQA 8, 64-row
+    # tiles (8 members), NaN past every length.
+    from batchllm_hf.kernels import attention_plan
+
+    groups = [(70, [(5, 1), (7, 1), (200, 1)]), (40, [(130, 1), (5, 1), (130, 1)]), (33, [(130, 1), (130, 1), (5, 1)]),
+              (64, [(64, 1), (128, 1), (192, 1)]), (9, [(3, 1), (60, 1)]), (100, [(1, 1), (1, 1), (250, 1), (2, 1)])]
+    q, k_cache, v_cache, meta = random_paged_step(groups, 8, 1, 64, 64, torch.float32, DEVICE, 4)
+    ref_out, ref_lse = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
+    _poison_past_lengths(k_cache, v_cache, meta)
+    plan = plan_paged_attention(meta, 8, 1, 64, use_tma=True, pack_prefix=True)
+    items = plan.items[: int(plan.num_items)]
+    with_prefix = items[(items[:, 0] == attention_plan.PACKED) & (items[:, 12] > items[:, 11])]
+    assert sorted(with_prefix[:, 10].tolist()) == list(range(len(groups)))  # one prefix pack per group
+    plan.block_n, plan.prefetch_pages = block_n, prefetch
+    plan.part_out.fill_(float("nan"))
+    plan.part_lse.fill_(float("nan"))
+    out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_static_128_row_packs_hold_at_most_32_sequences():
+    # A static (CUDA-graph) plan allocated with 128-row packed tiles at GQA 1: packs of 32 sequences at most.
+    from batchllm_hf.kernels import attention_plan
+
+    groups = [(None, [(20 + 17 * (m % 5), 1) for m in range(37)])]
+    q, k_cache, v_cache, meta = random_paged_step(groups, 2, 2, 64, 64, torch.float32, DEVICE, 6)
+    ref_out, _ = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
+    _poison_past_lengths(k_cache, v_cache, meta)
+    static = allocate_plan(max_tokens=40, max_items=256, max_parts=128, num_q_heads=2, head_dim=64, device=DEVICE,
+                           packed=True, use_tma=True, prefetch_pages=True, masked_stages=1, block_m_packed=128)
+    plan = plan_paged_attention(meta, 2, 2, 64, buffers=static)
+    items = plan.items[: int(plan.num_items)]
+    packed = items[items[:, 0] == attention_plan.PACKED]
+    assert sorted(set(packed[:, 3].tolist())) == [5, 32]
+    out, _ = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
 
 
 def test_packs_hold_at_most_32_sequences(monkeypatch):
@@ -526,9 +569,13 @@ def test_prefix_packs_by_default_at_gqa_8_for_groups_of_two_or_more():
         torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.125)[0], atol=2e-5,
                                    rtol=2e-5)
     # a prefix the step would split still gets prefix packs where the step's packs fill the GPU (one program
-    # per pack and KV head, at least one per SM): here 2 packs x 2 KV heads on a GPU of 4 SMs
-    for num_sms, expect in ((4, {0, 2}), (5, {0})):
-        q, k_cache, v_cache, meta = random_paged_step(groups, 16, 2, 64, 64, torch.float32, DEVICE)
+    # per pack and KV head, at least one per SM) and no pack reads more than 4 fair shares of the step's work:
+    # 3 groups of 2 at P = 600 (3 packs x 2 KV heads) on 6 SMs, not on 7; a long prefix beside short ones not
+    # even where the packs fill the GPU (it would outlast the step)
+    fill = [(600, [(10, 1), (11, 1)])] * 3
+    straggler = [(3000, [(10, 1), (11, 1)])] + [(64, [(20 + m, 1) for m in range(8)])] * 4
+    for step, num_sms, expect in ((fill, 6, {0, 1, 2}), (fill, 7, set()), (straggler, 4, {1, 2, 3, 4})):
+        q, k_cache, v_cache, meta = random_paged_step(step, 16, 2, 64, 64, torch.float32, DEVICE)
         plan = plan_paged_attention(meta, 16, 2, 64, use_tma=True, num_sms=num_sms)
         assert prefix_packed(plan) == expect
         out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)

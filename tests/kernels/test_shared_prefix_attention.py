@@ -404,6 +404,15 @@ def test_wide_items_split_by_their_work():
     assert len(wide_prefix) > 4 and int((wide_prefix[:, 6] - wide_prefix[:, 5]).max()) < 2000
 
 
+def _check_poisoned(launcher, q, k_cache, v_cache, meta, plan, ref_out, ref_lse):
+    """Run the kernel on a NaN-poisoned workspace (a slot it forgets to write poisons the merge) and compare."""
+    plan.part_out.fill_(float("nan"))
+    plan.part_lse.fill_(float("nan"))
+    out, lse = launcher(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
 def _poison_past_lengths(k_cache, v_cache, meta):
     """NaN in every pool slot no sequence or prefix holds (past each length on its last page, spare pages)."""
     page_size = meta.page_size
@@ -442,11 +451,7 @@ def test_packed_items_through_tma(page_size, block_n, ratio, num_kv_heads, prefe
     packed = items[items[:, 0] == attention_plan.PACKED]
     assert int(packed[:, 4].max()) > attention_plan.PACK_MAX_KEYS  # longer ranges packed than without TMA
     plan.block_n, plan.prefetch_pages = block_n, prefetch
-    plan.part_out.fill_(float("nan"))
-    plan.part_lse.fill_(float("nan"))
-    out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    _check_poisoned(shared_prefix_decode, q, k_cache, v_cache, meta, plan, ref_out, ref_lse)
     assert used == [block_n, block_n]
     assert 16 not in plan_paged_attention(meta, num_q_heads, num_kv_heads, 64, use_tma=True, pack=False).items[:, 0]
 
@@ -469,11 +474,7 @@ def test_packed_tma_blocks_of_members_of_any_lengths(block_n, prefetch):
     with_prefix = items[(items[:, 0] == attention_plan.PACKED) & (items[:, 12] > items[:, 11])]
     assert sorted(with_prefix[:, 10].tolist()) == list(range(len(groups)))  # one prefix pack per group
     plan.block_n, plan.prefetch_pages = block_n, prefetch
-    plan.part_out.fill_(float("nan"))
-    plan.part_lse.fill_(float("nan"))
-    out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    _check_poisoned(shared_prefix_decode, q, k_cache, v_cache, meta, plan, ref_out, ref_lse)
 
 
 def test_static_128_row_packs_hold_at_most_32_sequences():
@@ -509,11 +510,7 @@ def test_packs_hold_at_most_32_sequences(monkeypatch):
     items = plan.items[: int(plan.num_items)]
     packed = items[items[:, 0] == attention_plan.PACKED]
     assert plan.block_m_packed == 64 and sorted(set(packed[:, 3].tolist())) == [8, 32]  # rows = sequences at GQA 1
-    plan.part_out.fill_(float("nan"))
-    plan.part_lse.fill_(float("nan"))
-    out, lse = shared_prefix_decode(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    _check_poisoned(shared_prefix_decode, q, k_cache, v_cache, meta, plan, ref_out, ref_lse)
 
 
 @pytest.mark.parametrize("ratio,num_kv_heads,rows", [(8, 1, 64), (4, 2, 16), (7, 1, 32), (1, 3, 16), (8, 1, 128)])
@@ -540,11 +537,7 @@ def test_prefix_packs(ratio, num_kv_heads, rows, use_tma, monkeypatch):
     packs = {0, 1, 2} if use_tma else {0, 2}
     assert plan.block_m_packed == rows and set(with_prefix[:, 10].tolist()) == packs
     assert set(items[items[:, 0] % 2 == 1][:, 1].tolist()) == {1, 3, 4} - packs  # the others keep prefix items
-    plan.part_out.fill_(float("nan"))
-    plan.part_lse.fill_(float("nan"))
-    out, lse = shared_prefix_prefill(q, k_cache, v_cache, meta, 0.125, plan=plan, force_triton=True)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    _check_poisoned(shared_prefix_prefill, q, k_cache, v_cache, meta, plan, ref_out, ref_lse)
 
 
 def test_prefix_packs_by_default_at_gqa_8_for_groups_of_two_or_more():

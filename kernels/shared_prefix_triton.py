@@ -139,7 +139,7 @@ S = 64 the prefix items alone take 50-84 us of a 71-113 us step, at S = 256 the 
 prefix packs of 128 rows with 8 warps, were slower on all 18 misses), and triton 3.6's automatic warp
 specialization does not compile this kind of loop for sm_90a (an assertion in its Hopper pass at 4 warps,
 no partitioning at 8). Packed items now read each member's whole blocks through TMA (above): decode steps of
-mixed own lengths up to 21% faster; 42 of 61 grid rows.
+mixed own lengths take up to 22% less time; 42 of 61 grid rows.
 """
 
 from __future__ import annotations
@@ -441,9 +441,9 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
     sequence's partial last block, masked to its own length, in the masked loop (which TMA plans leave
     unpipelined: MASKED_STAGES). Session 15 read only the blocks below the pack's SHORTEST length through TMA,
     so a pack with one member under a block ran all its blocks unpipelined: on steps of mixed own lengths
-    (the engine's) that made TMA packs 5-23% slower than pointer-load packs; this layout made those steps
-    up to 21% faster than session 15's (session 16, decode_anatomy.py --set mixed). The block's sequence is found
-    with reductions over a 32-wide vector of the pack's members (at most attention_plan.PACK_MAX_SEQS): one
+    (the engine's) that made TMA packs 5-23% slower than pointer-load packs; with this layout those steps
+    take up to 22% less time than with session 15's (session 16, decode_anatomy.py --set mixed). The block's
+    sequence is found with reductions over a 32-wide vector of the pack's members (at most attention_plan.PACK_MAX_SEQS): one
     warp holds it, so no shared memory or barrier enters the key loop (over the 64-wide row vector those
     reductions made 64-row prefix packs 19% slower than session 15's loop)."""
     seq0 = tl.load(fields + 1)

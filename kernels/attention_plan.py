@@ -16,7 +16,8 @@ names its KV head):
                  TMA, each sequence's whole blocks through TMA; at most PACK_MAX_SEQS sequences). On an H200
                  (session 14) own items at 64 keys took 40 us instead of 49 for 256 sequences x 8 KV heads; at
                  256 keys packing was slower with pointer loads, and with TMA blocks (session 15) it is 2-6%
-                 faster; on steps of mixed own lengths they take up to 22% less time since session 16's per-sequence TMA blocks.
+                 faster; on steps of mixed own lengths they take up to 22% less time since session 16's
+                 per-sequence TMA blocks.
                  Static plans pack when allocated with `packed=True` (the engine's CUDA-graph plans do).
     prefix pack  (`pack_prefix`; by default in TMA plans made for their step at GQA >= 8, head_dim <= 128, for
                  groups of 2+ whose prefix the step would not split, or whose packs fill the GPU and whose prefix is at

@@ -20,10 +20,11 @@ names its KV head):
                  per-sequence TMA blocks.
                  Static plans pack when allocated with `packed=True` (the engine's CUDA-graph plans do).
     prefix pack  (`pack_prefix`; by default in TMA plans made for their step at GQA >= 8, head_dim <= 128, for
-                 groups of 2+ whose prefix the step would not split, or whose packs fill the GPU and whose prefix is at
-                 most PACK_PREFIX_FILL_SHARES fair shares of the step's work) a packed item that also reads its group's prefix before its members' own blocks: for a
-                 run of a group's decode tokens that all pack, no prefix items and no partials, so no merge,
-                 in tiles of PACK_PREFIX_ROWS (64) rows. Session 15 (H200, grid at GQA 8, P <= 2048, S <= 256):
+                 groups of 2+ whose prefix the step would not split, or whose packs fill the GPU and whose
+                 prefix is at most PACK_PREFIX_FILL_SHARES fair shares of the step's work) a packed item that
+                 also reads its group's prefix before its members' own blocks: for a run of a group's decode
+                 tokens that all pack, no prefix items and no partials, so no merge, in tiles of
+                 PACK_PREFIX_ROWS (64) rows. Session 15 (H200, grid at GQA 8, P <= 2048, S <= 256):
                  8-24% less time per step; at GQA 4 and 7, or for groups of one, it was slower. Session 16:
                  5% less at P = 8192 with 16 groups of 16, where the packs fill the GPU though the prefix is split.
     wide item    (opt-in, `wide=True`) a decode-sized row set, i.e. at most one token's query heads of all
@@ -86,12 +87,12 @@ PACK_ROWS = 16  # rows of a packed tile (PACK_ROWS // ratio sequences per packed
 PACK_DEFAULT = True  # plans pack short decode own ranges unless told not to (pack=False); see _pack_decode
 # Prefix packs (_pack_prefix_runs): packed items of a group's decode tokens that also read its prefix. Plans made
 # for their step with TMA key loads use them at GQA ratios >= PACK_PREFIX_MIN_RATIO for groups of 2 or more
-# whose prefix the step would not split or whose packs fill the GPU (pack_prefix=None), in tiles of PACK_PREFIX_ROWS rows (session 15: faster
-# at GQA 8, slower at GQA 4 and 7 and for groups of one), at head_dim <= 128 (64 x 256 tiles spill on sm_90a:
-# benchmarks/compile_check.py)
+# whose prefix the step would not split or whose packs fill the GPU (pack_prefix=None), in tiles of
+# PACK_PREFIX_ROWS rows (session 15: faster at GQA 8, slower at GQA 4 and 7 and for groups of one), at
+# head_dim <= 128 (64 x 256 tiles spill on sm_90a: benchmarks/compile_check.py)
 PACK_PREFIX_MIN_RATIO = 8
 PACK_PREFIX_ROWS = 64
-PACK_PREFIX_FILL_SHARES = 4  # (_PROGRAMS_PER_SM) prefix length a pack may read whole, in fair shares, where packs fill the GPU
+PACK_PREFIX_FILL_SHARES = 4  # prefix a pack may read whole where packs fill the GPU, in fair shares (one SM's)
 PACK_MAX_SEQS = 32  # sequences per packed item at most (the kernel finds a block's sequence with one-warp reductions)
 NO_CAUSAL = 1 << 30
 SMALL_TILE = 16

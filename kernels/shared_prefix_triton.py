@@ -25,8 +25,8 @@ descriptions, no code copied.
                 sequence-major, each block visible to its sequence's rows only (masked pointer loads,
                 pipelined by the compiler; no key past a sequence's length is read). With TMA, each
                 sequence's whole blocks come first, through TMA in one loop over the pack, then each
-                sequence's partial last block, masked (see _attend_packed). One program per sequence and KV head left each program a short chain of
-                dependent loads and 2 programs per SM (session 14, Nsight Compute: 240 registers, 115 KB of
+                sequence's partial last block, masked (see _attend_packed). One program per sequence and
+                KV head left each program a short chain of dependent loads and 2 programs per SM (session 14, Nsight Compute: 240 registers, 115 KB of
                 shared memory); packed, the loads of several sequences stream through one pipeline.
                 A prefix pack (fields 10-12 hold a prefix range, attention_plan's pack_prefix) reads its
                 group's prefix first, every row seeing all of it: its rows get one partial, so no merge.
@@ -443,8 +443,8 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
     so a pack with one member under a block ran all its blocks unpipelined: on steps of mixed own lengths
     (the engine's) that made TMA packs 5-23% slower than pointer-load packs; with this layout those steps
     take up to 22% less time than with session 15's (session 16, decode_anatomy.py --set mixed). The block's
-    sequence is found with reductions over a 32-wide vector of the pack's members (at most attention_plan.PACK_MAX_SEQS): one
-    warp holds it, so no shared memory or barrier enters the key loop (over the 64-wide row vector those
+    sequence is found with reductions over a vector of the pack's members as wide as the planner's cap
+    (attention_plan.PACK_MAX_SEQS, 32): one warp holds it, so no shared memory or barrier enters the key loop (over the 64-wide row vector those
     reductions made 64-row prefix packs 19% slower than session 15's loop)."""
     seq0 = tl.load(fields + 1)
     tok_lo = tl.load(fields + 2)

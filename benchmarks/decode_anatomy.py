@@ -275,7 +275,8 @@ def main() -> None:
                                                           "merge": MERGE_STEPS, "pack": PACK_STEPS,
                                                           "packtma": PACK_TMA_STEPS,
                                                           "packrows": PACK_TMA_STEPS,
-                                                          "prefixpack": PACK_TMA_STEPS, "split": MISS_STEPS, "deep": MISS_STEPS, "mixed": MIXED_STEPS, "fill": FILL_STEPS}[args.set][: args.steps]:
+                                                          "prefixpack": PACK_TMA_STEPS, "split": MISS_STEPS, "deep": MISS_STEPS,
+                                                          "mixed": MIXED_STEPS, "fill": FILL_STEPS}[args.set][: args.steps]:
         lengths = own if isinstance(own, tuple) else (own, own)
         q, k_cache, v_cache, meta = make_step(groups, members, prefix, lengths[1], 1, ratio, num_kv_heads=kv_heads)
         if lengths[0] != lengths[1]:
@@ -326,7 +327,8 @@ def main() -> None:
         chosen = {"configs": VARIANTS, "own": OWN_VARIANTS, "persistent": PERSISTENT_VARIANTS,
                   "merge": MERGE_VARIANTS, "pack": PACK_VARIANTS, "packtma": PACK_TMA_VARIANTS,
                   "packrows": PACK_TMA_ROWS_VARIANTS, "prefixpack": PREFIX_PACK_VARIANTS,
-                  "split": SPLIT_VARIANTS, "deep": DEEP_VARIANTS, "mixed": MIXED_VARIANTS, "fill": FILL_VARIANTS}[args.set]
+                  "split": SPLIT_VARIANTS, "deep": DEEP_VARIANTS, "mixed": MIXED_VARIANTS,
+                  "fill": FILL_VARIANTS}[args.set]
         variants = {name: [subplan(planned(*args), kinds, merge, **config) for args, kinds, merge, config in spec]
                     for name, spec in chosen(big, huge).items()}
         if args.set in ("pack", "packtma", "mixed"):

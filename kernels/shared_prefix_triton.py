@@ -26,10 +26,11 @@ descriptions, no code copied.
                 pipelined by the compiler; no key past a sequence's length is read). With TMA, each
                 sequence's whole blocks come first, through TMA in one loop over the pack, then each
                 sequence's partial last block, masked (see _attend_packed). One program per sequence and
-                KV head left each program a short chain of dependent loads and 2 programs per SM (session 14, Nsight Compute: 240 registers, 115 KB of
-                shared memory); packed, the loads of several sequences stream through one pipeline.
-                A prefix pack (fields 10-12 hold a prefix range, attention_plan's pack_prefix) reads its
-                group's prefix first, every row seeing all of it: its rows get one partial, so no merge.
+                KV head left each program a short chain of dependent loads and 2 programs per SM (session
+                14, Nsight Compute: 240 registers, 115 KB of shared memory); packed, the loads of several
+                sequences stream through one pipeline. A prefix pack (fields 10-12 hold a prefix range,
+                attention_plan's pack_prefix) reads its group's prefix first, every row seeing all of it:
+                its rows get one partial, so no merge.
               wide item (opt-in): one decode token's query heads of every KV head; columns are (key token,
                 KV head) pairs, so a key token's heads are one contiguous read; other heads' scores masked.
                 Compiled only into launches whose plan may hold wide items (HAS_WIDE).
@@ -436,16 +437,16 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
     only. So several short own ranges stream through one pipelined loop (pointer loads, masked, which also
     skip the blocks past a shorter sequence's length) instead of one program each paying the start-up
     latency of its item fields, page id and first KV load.
-    USE_TMA: every sequence's whole blocks (own_j // BLOCK_N, all starting on a page's block boundary: packed
-    ranges start at key 0) come first, through TMA in ONE loop over the pack's whole blocks; then each
-    sequence's partial last block, masked to its own length, in the masked loop (which TMA plans leave
-    unpipelined: MASKED_STAGES). Session 15 read only the blocks below the pack's SHORTEST length through TMA,
-    so a pack with one member under a block ran all its blocks unpipelined: on steps of mixed own lengths
-    (the engine's) that made TMA packs 5-23% slower than pointer-load packs; with this layout those steps
-    take up to 22% less time than with session 15's (session 16, decode_anatomy.py --set mixed). The block's
-    sequence is found with reductions over a vector of the pack's members as wide as the planner's cap
-    (attention_plan.PACK_MAX_SEQS, 32): one warp holds it, so no shared memory or barrier enters the key loop (over the 64-wide row vector those
-    reductions made 64-row prefix packs 19% slower than session 15's loop)."""
+    USE_TMA: every sequence's whole blocks (own_j // BLOCK_N, all starting on a page's block boundary: packed ranges
+    start at key 0) come first, through TMA in ONE loop over the pack's whole blocks; then each sequence's partial
+    last block, masked to its own length, in the masked loop (which TMA plans leave unpipelined: MASKED_STAGES).
+    Session 15 read only the blocks below the pack's SHORTEST length through TMA, so a pack with one member under a
+    block ran all its blocks unpipelined: on steps of mixed own lengths (the engine's) that made TMA packs 5-23%
+    slower than pointer-load packs; with this layout those steps take up to 22% less time than with session 15's
+    (session 16, decode_anatomy.py --set mixed). The block's sequence is found with reductions over a vector of the
+    pack's members as wide as the planner's cap (attention_plan.PACK_MAX_SEQS, 32): one warp holds it, so no shared
+    memory or barrier enters the key loop (over the 64-wide row vector those reductions made 64-row prefix packs 19%
+    slower than session 15's loop)."""
     seq0 = tl.load(fields + 1)
     tok_lo = tl.load(fields + 2)
     num_rows = tl.load(fields + 3)

@@ -134,7 +134,7 @@ class PagedAttentionPlan:
     # 223 / 762 with the lookup before each load; session 13: decode steps as CUDA-graph replays took 0-21% less time)
     token_kv: torch.Tensor | None = None  # (max_tokens,) int32: own keys visible to each query token (packed items)
     has_packed: bool = False   # the plan may hold packed items (else the kernel is compiled without them)
-    block_m_packed: int = 16   # rows per packed tile: block_m_packed // ratio sequences per packed item
+    block_m_packed: int = 16   # rows per packed tile: min(block_m_packed // ratio, PACK_MAX_SEQS) sequences per item
     pack_tma: bool = True      # packed items read whole blocks through TMA where the launch uses TMA
 
 

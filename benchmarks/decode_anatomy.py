@@ -252,6 +252,15 @@ def subplan(plan, kinds, merge: bool, **config):
     return sub
 
 
+SETS = {  # --set name: (steps, variants)
+    "configs": (STEPS, VARIANTS), "own": (OWN_STEPS, OWN_VARIANTS), "persistent": (PERSISTENT_STEPS, PERSISTENT_VARIANTS),
+    "merge": (MERGE_STEPS, MERGE_VARIANTS), "pack": (PACK_STEPS, PACK_VARIANTS),
+    "packtma": (PACK_TMA_STEPS, PACK_TMA_VARIANTS), "packrows": (PACK_TMA_STEPS, PACK_TMA_ROWS_VARIANTS),
+    "prefixpack": (PACK_TMA_STEPS, PREFIX_PACK_VARIANTS), "split": (MISS_STEPS, SPLIT_VARIANTS),
+    "deep": (MISS_STEPS, DEEP_VARIANTS), "mixed": (MIXED_STEPS, MIXED_VARIANTS), "fill": (FILL_STEPS, FILL_VARIANTS),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=".")
@@ -259,24 +268,19 @@ def main() -> None:
     parser.add_argument("--tma", action="store_const", const=True, default=None,
                         help="plan with use_tma=True (the engine's CUDA-graph decode configuration); calls 6, 8 "
                              "and 9 ran when that was the per-step default, so repeat them with --tma")
-    parser.add_argument("--set", choices=["configs", "own", "persistent", "merge", "pack", "packtma", "packrows",
-                                          "prefixpack", "split", "deep", "mixed", "fill"],
-                        default="configs",
+    parser.add_argument("--set", choices=list(SETS), default="configs",
                         help="configs: session 13's tile/TMA variants (call 3); own: own-item variants (call 6); "
                              "persistent: programs looping over items (call 8); merge: the merge launch (call 9); "
                              "pack: packed decode items (session 14); packtma: packed items through TMA "
-                             "(session 15); split: the session-15 grid misses taken apart (session 16)")
+                             "(session 15); split / deep / mixed / fill: the session-15 grid misses taken apart, more bytes in "
+                             "flight, mixed own lengths, prefix packs that fill the GPU (session 16)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     ceilings = device_ceilings()
     print(json.dumps(ceilings), flush=True)
     rows, table = [], []
-    for groups, members, prefix, own, ratio, kv_heads in {"configs": STEPS, "own": OWN_STEPS, "persistent": PERSISTENT_STEPS,
-                                                          "merge": MERGE_STEPS, "pack": PACK_STEPS,
-                                                          "packtma": PACK_TMA_STEPS,
-                                                          "packrows": PACK_TMA_STEPS,
-                                                          "prefixpack": PACK_TMA_STEPS, "split": MISS_STEPS, "deep": MISS_STEPS,
-                                                          "mixed": MIXED_STEPS, "fill": FILL_STEPS}[args.set][: args.steps]:
+    steps, chosen = SETS[args.set]
+    for groups, members, prefix, own, ratio, kv_heads in steps[: args.steps]:
         lengths = own if isinstance(own, tuple) else (own, own)
         q, k_cache, v_cache, meta = make_step(groups, members, prefix, lengths[1], 1, ratio, num_kv_heads=kv_heads)
         if lengths[0] != lengths[1]:
@@ -324,11 +328,6 @@ def main() -> None:
 
         big = 64 if members * ratio > 16 else None
         huge = 128 if members * ratio >= 128 else big
-        chosen = {"configs": VARIANTS, "own": OWN_VARIANTS, "persistent": PERSISTENT_VARIANTS,
-                  "merge": MERGE_VARIANTS, "pack": PACK_VARIANTS, "packtma": PACK_TMA_VARIANTS,
-                  "packrows": PACK_TMA_ROWS_VARIANTS, "prefixpack": PREFIX_PACK_VARIANTS,
-                  "split": SPLIT_VARIANTS, "deep": DEEP_VARIANTS, "mixed": MIXED_VARIANTS,
-                  "fill": FILL_VARIANTS}[args.set]
         variants = {name: [subplan(planned(*args), kinds, merge, **config) for args, kinds, merge, config in spec]
                     for name, spec in chosen(big, huge).items()}
         if args.set in ("pack", "packtma", "mixed"):

@@ -474,10 +474,9 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
     num_seqs = num_rows // ratio
     if USE_TMA:
         # Member j's whole blocks (own_j // BLOCK_N of them) run through TMA in one loop over all members' whole
-        # blocks (member-major: block b is member j's block b - starts_j, j the member whose [starts_j, ends_j)
-        # holds b); then each member's partial last block, masked, in the masked loop.
-        # the pack's members as one vector of PACK_MAX_SEQS (32, the planner's cap): one warp holds it, so the
-        # reductions below stay within a warp (no shared memory, no barrier in the key loop)
+        # blocks (member-major, see _pack_block_of); then each member's partial last block, masked, in the masked
+        # loop. The members are one vector of PACK_MAX_SEQS (32, the planner's cap): one warp holds it, so the
+        # lookups stay within a warp (no shared memory, no barrier in the key loop).
         seqs = tl.arange(0, _PACK_SEQS)
         lens = tl.load(token_kv_ptr + tok_lo + seqs, mask=seqs < num_seqs, other=0)
         whole = lens // BLOCK_N
@@ -487,18 +486,16 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
         tables = own_pages_ptr + seq0.to(tl.int64) * stride_own_pages
         if PREFETCH_PAGES:  # page ids a block ahead (see _attend_block); block 0 is the first member with one
             # (clamped to the pack: with no whole block at all the count would point past its last member's row)
-            first_j = tl.minimum(tl.reduce((ends <= 0).to(tl.int32), 0, tl.standard._sum_combine), num_seqs - 1)
-            next_page = tl.load(tables + first_j * stride_own_pages)
+            first_j, _ = _pack_block_of(0, seqs, ends, starts)
+            next_page = tl.load(tables + tl.minimum(first_j, num_seqs - 1) * stride_own_pages)
         for b in range(0, total):
-            j = tl.reduce((ends <= b).to(tl.int32), 0, tl.standard._sum_combine)
-            start = (b - tl.reduce(tl.where(seqs == j, starts, 0), 0, tl.standard._sum_combine)) * BLOCK_N
+            j, block = _pack_block_of(b, seqs, ends, starts)
+            start = block * BLOCK_N
             page = 0
             if PREFETCH_PAGES:
                 page = next_page
-                after = tl.minimum(b + 1, total - 1)
-                after_j = tl.reduce((ends <= after).to(tl.int32), 0, tl.standard._sum_combine)
-                after_start = after - tl.reduce(tl.where(seqs == after_j, starts, 0), 0, tl.standard._sum_combine)
-                next_page = tl.load(tables + after_j * stride_own_pages + after_start * BLOCK_N // PAGE_SIZE)
+                after_j, after_block = _pack_block_of(tl.minimum(b + 1, total - 1), seqs, ends, starts)
+                next_page = tl.load(tables + after_j * stride_own_pages + after_block * BLOCK_N // PAGE_SIZE)
             positions = tl.where(row_seq == j, 1 << 30, -1)  # other sequences' rows see none of this block
             acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, 1 << 30, tables + j * stride_own_pages, k_ptr,
                                           v_ptr, page_stride, token_stride, column_offset, columns, columns, dims,
@@ -521,6 +518,14 @@ def _attend_packed(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse
                                           BLOCK_N, PAGE_SIZE, DOT_PRECISION, DOT_DTYPE, k_desc, v_desc, kv_head)
     _write_rows(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, num_parts_ptr, part_start_ptr, acc, m_i, l_i, tokens,
                 heads, row_valid, dims, slot_offset, stride_ot, stride_oh, num_q_heads, HEAD_DIM)
+
+
+@triton.jit
+def _pack_block_of(b, seqs, ends, starts):
+    """(member j, j's block index) of whole block b of a packed item: the member whose [starts_j, ends_j) holds
+    b (ends: the members' running whole-block counts; members without a whole block are skipped)."""
+    j = tl.reduce((ends <= b).to(tl.int32), 0, tl.standard._sum_combine)
+    return j, b - tl.reduce(tl.where(seqs == j, starts, 0), 0, tl.standard._sum_combine)
 
 
 @triton.jit
